@@ -1,0 +1,269 @@
+"""One loading path for every CLIP backbone: open_clip models by name and pretrained tag.
+
+The paper's backbones (ViT-B/32 and ViT-L/14 with OpenAI weights), any other open_clip model, the
+project's own configs in `isearle/model_configs/` (the bundled offline shapes model, a random-init
+test model) all go through `load_backbone`. Where weights cannot be had, `WeightsUnavailable` says
+which model and what to do, after a cache check instead of the hub client's retries.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import open_clip
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torchvision import transforms as T
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+ASSETS_DIR = Path(os.environ.get("ISEARLE_ASSETS", REPO_DIR / "assets"))
+CONFIG_DIR = PACKAGE_DIR / "model_configs"
+
+#: The paper's OpenAI weights were trained with QuickGELU; plain "ViT-B-32" + "openai" silently
+#: builds GELU and loses accuracy, so those names are mapped to their QuickGELU variants.
+QUICKGELU_ALIASES = {"ViT-B-32": "ViT-B-32-quickgelu", "ViT-L-14": "ViT-L-14-quickgelu",
+                     "ViT-B-16": "ViT-B-16-quickgelu", "RN50": "RN50-quickgelu"}
+
+#: Pretrained tags that name a file shipped with the project instead of a hub download.
+BUNDLED_WEIGHTS = {"isearle-shapes": "models/isearle-shapes.safetensors"}
+
+PLACEHOLDER = "$"
+
+
+class WeightsUnavailable(RuntimeError):
+    """The requested weights are neither cached nor downloadable; the message says what to do."""
+
+
+def pick_device(device: str | torch.device | None = None) -> torch.device:
+    """CUDA when present (or asked for), else CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def hub_offline() -> bool:
+    """True when the Hugging Face hub must not be contacted."""
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+_registered = False
+
+
+def register_model_configs(path: Path = CONFIG_DIR) -> None:
+    """Make the project's model configs loadable by name (idempotent)."""
+    global _registered  # cache flag: registration is process-wide in open_clip too
+    if not _registered:
+        open_clip.add_model_config(path)
+        _registered = True
+
+
+def targetpad_transform(size: int, ratio: float = 1.25) -> Callable[[Image.Image], Image.Image]:
+    """SEARLE's "targetpad": pad with black to aspect `ratio` when the image is more elongated."""
+
+    def pad(image: Image.Image) -> Image.Image:
+        w, h = image.size
+        if max(w, h) / min(w, h) < ratio:
+            return image
+        side = max(w, h)
+        target = int(side / ratio)
+        pw, ph = max(0, (target - w) // 2), max(0, (target - h) // 2)
+        return TF.pad(image, [pw, ph, pw, ph], fill=0, padding_mode="constant")
+
+    return pad
+
+
+def build_preprocess(kind: str, size: int, mean: Sequence[float], std: Sequence[float]) -> Callable:
+    """Image -> normalised tensor, "targetpad" (SEARLE default) or "clip" (resize + centre crop)."""
+    steps: list[Callable] = []
+    if kind == "targetpad":
+        steps.append(targetpad_transform(size))
+    elif kind != "clip":
+        raise ValueError(f"unknown preprocess {kind!r}: use 'targetpad' or 'clip'")
+    steps += [
+        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(size),
+        lambda im: im.convert("RGB"),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ]
+    return T.Compose(steps)
+
+
+@dataclass
+class Backbone:
+    """A CLIP model with its preprocessing and tokenizer, ready for inference on `device`."""
+
+    model: torch.nn.Module
+    preprocess: Callable[[Image.Image], torch.Tensor]
+    tokenizer: Callable[..., torch.Tensor]
+    name: str
+    pretrained: str | None
+    device: torch.device
+    _placeholder_id: int | None = field(default=None, repr=False)
+
+    @property
+    def text(self) -> torch.nn.Module:
+        """The text tower (open_clip.CLIP keeps it on the model, CustomTextCLIP under .text)."""
+        return getattr(self.model, "text", self.model)
+
+    @property
+    def token_embedding(self) -> torch.nn.Embedding:
+        return self.text.token_embedding
+
+    @property
+    def token_width(self) -> int:
+        """Size of a (pseudo-)token embedding: phi's output size."""
+        return self.token_embedding.embedding_dim
+
+    @property
+    def embed_dim(self) -> int:
+        """Size of the joint image/text feature: phi's input size."""
+        proj = self.text.text_projection
+        return proj.out_features if isinstance(proj, torch.nn.Linear) else proj.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.text.positional_embedding.shape[0]
+
+    @property
+    def image_size(self) -> int:
+        size = self.model.visual.image_size
+        return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+    @property
+    def placeholder_id(self) -> int:
+        """Token id of the standalone placeholder "$" (259 for CLIP's BPE)."""
+        if self._placeholder_id is None:
+            ids = self.tokenize([PLACEHOLDER])[0]
+            inner = ids[1 : int(ids.argmax())]
+            if inner.numel() != 1:
+                raise ValueError(f"placeholder {PLACEHOLDER!r} is not a single token for {self.name}")
+            self._placeholder_id = int(inner[0])
+        return self._placeholder_id
+
+    @property
+    def autocast(self) -> torch.autocast:
+        """fp16 autocast for inference on CUDA; a no-op on CPU."""
+        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def load_image(self, image: Image.Image) -> torch.Tensor:
+        return self.preprocess(image)
+
+    @torch.inference_mode()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Un-normalised image features of a preprocessed batch (what phi takes as input)."""
+        with self.autocast:
+            return self.model.encode_image(pixels.to(self.device)).float()
+
+    @torch.inference_mode()
+    def encode_pil(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.encode_images(torch.stack([self.preprocess(im) for im in images]))
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Un-normalised text features (plain prompts, no placeholder)."""
+        from isearle.pseudo_word import encode_tokens
+
+        with self.autocast:
+            return encode_tokens(self, self.tokenize(texts)).float()
+
+
+def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
+    """Map a tag to a local file, checking the cache when offline; raise WeightsUnavailable."""
+    if pretrained is None or Path(pretrained).is_file():
+        return pretrained
+    if pretrained in BUNDLED_WEIGHTS:
+        path = ASSETS_DIR / BUNDLED_WEIGHTS[pretrained]
+        if not path.is_file():
+            raise WeightsUnavailable(
+                f"bundled weights for {name!r} are missing at {path}: restore assets/ from git "
+                f"(git lfs / git checkout) or retrain them with `isearle train-clip`"
+            )
+        return str(path)
+    cfg = open_clip.get_pretrained_cfg(name, pretrained)
+    if not cfg:
+        tags = [t for n, t in open_clip.list_pretrained() if n == name]
+        raise WeightsUnavailable(
+            f"no pretrained weights {pretrained!r} for {name!r}; known tags: {', '.join(tags) or 'none'}"
+        )
+    if not _cached(cfg) and (hub_offline() or not _hub_reachable()):
+        raise WeightsUnavailable(
+            f"weights {name}/{pretrained} are not cached and the hub cannot be reached: "
+            f"run once with network access, or pass a local checkpoint path as pretrained"
+        )
+    return pretrained
+
+
+def _hub_reachable(timeout: float = 1.5) -> bool:
+    """A one-connection probe, so that a machine without network fails in seconds, not ~47 s."""
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached(cfg: dict) -> bool:
+    """Whether open_clip would find these weights without the network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    hub = cfg.get("hf_hub", "")
+    if hub:
+        repo_id = "/".join(hub.rstrip("/").split("/")[:2])
+        for fname in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if isinstance(try_to_load_from_cache(repo_id, fname), str):
+                return True
+    url = cfg.get("url", "")
+    if url:
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "clip"
+        return (cache / os.path.basename(url)).is_file()
+    return False
+
+
+def load_backbone(
+    name: str = "ViT-B-32",
+    pretrained: str | None = "openai",
+    device: str | torch.device | None = None,
+    preprocess: str = "targetpad",
+) -> Backbone:
+    """Load an open_clip model for inference; `pretrained=None` gives random init (tests, speed)."""
+    register_model_configs()
+    if pretrained == "openai" and name in QUICKGELU_ALIASES:
+        name = QUICKGELU_ALIASES[name]
+    if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
+        raise WeightsUnavailable(f"unknown model {name!r}; see `open_clip.list_models()`")
+    device = pick_device(device)
+    weights = _resolve_pretrained(name, pretrained)
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=weights, device=device)
+    except (OSError, RuntimeError) as err:  # network failures surface as these from the hub client
+        if isinstance(err, WeightsUnavailable):
+            raise
+        raise WeightsUnavailable(
+            f"could not load weights {name}/{pretrained}: {str(err).splitlines()[0]} "
+            f"(check the network, or set HF_HUB_OFFLINE=1 and use cached or local weights)"
+        ) from err
+    model.eval().requires_grad_(False)
+    cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
+    mean = cfg.get("mean", open_clip.OPENAI_DATASET_MEAN)
+    std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return Backbone(
+        model=model,
+        preprocess=build_preprocess(preprocess, size, mean, std),
+        tokenizer=open_clip.get_tokenizer(name),
+        name=name,
+        pretrained=pretrained,
+        device=device,
+    )
