@@ -1,0 +1,324 @@
+"""OTI: optimisation-based textual inversion of a batch of images into pseudo-tokens S*.
+
+For each image a pseudo-token v is optimised so that (a) "a photo of $" (a random template) with
+v in place of "$" encodes close to the image (content loss, with iSEARLE's Gaussian noise on the
+text feature to bridge CLIP's modality gap) and (b) a phrase about one of the image's concepts,
+with the concept replaced by "$", encodes close to the phrase itself (GPT loss: keeps v a word
+that composes with language). The exponential moving average of v is the result (SEARLE).
+
+Speed, with the losses of SEARLE's step unchanged: the phrase targets are constant, so they are
+encoded once per batch; template and phrase prompts share one text-encoder pass; the transformer
+runs only up to the longest end-of-text token (see `pseudo_word`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from isearle.backbone import Backbone
+from isearle.pseudo_word import encode_tokens, tokenize_prompts
+
+#: Content-loss templates (SEARLE's OTI templates: a photo-like prompt around the placeholder).
+TEMPLATES: tuple[str, ...] = (
+    "a photo of $", "a picture of $", "an image of $", "a photo of a $", "a picture of a $",
+    "an image of a $", "a photo of the $", "a picture of the $", "an image of the $",
+    "this is a photo of $", "this is a picture of $", "this is an image of $",
+    "a close-up photo of $", "a good photo of $", "a rendering of $", "a photo showing $",
+    "an image showing $", "a picture showing $", "a snapshot of $", "a depiction of $",
+)
+
+
+@dataclass
+class OTIConfig:
+    """OTI hyper-parameters; defaults are SEARLE's, plus iSEARLE's noise scale `gamma`."""
+
+    steps: int = 350
+    lr: float = 2e-2
+    weight_decay: float = 0.01
+    ema_decay: float = 0.99
+    init_std: float = 0.02
+    lambda_content: float = 1.0
+    lambda_gpt: float = 0.5
+    #: std of the Gaussian noise added to the (L2-normalised) text feature before the content loss;
+    #: 0 disables it (plain SEARLE). OPEN in the paper: chosen on ShapesCIR val, see README.
+    gamma: float = 0.1
+    top_k_concepts: int = 15
+    batch_size: int = 32
+    seed: int = 0
+    templates: tuple[str, ...] = field(default=TEMPLATES)
+
+
+@dataclass
+class PhraseTask:
+    """For one image: phrases about its top concepts, and the same phrases with the concept as "$"."""
+
+    phrases: list[str]
+    pseudo_phrases: list[str]
+
+
+def replace_concept(phrase: str, concept: str) -> str | None:
+    """The phrase with its first standalone mention of `concept` replaced by "$" (None if absent)."""
+    import re
+
+    match = re.search(r"(?<![\w$])" + re.escape(concept) + r"(?![\w])", phrase, flags=re.IGNORECASE)
+    if match is None:
+        return None
+    return phrase[: match.start()] + " $ " + phrase[match.end():]
+
+
+def phrase_tasks(
+    image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15
+) -> list[PhraseTask]:
+    """Candidate (phrase, phrase-with-$) pairs per image from its top-k concepts."""
+    tasks = []
+    for concepts in image_concepts:
+        pairs = []
+        for concept in list(concepts)[:top_k]:
+            for phrase in phrase_bank.get(concept, ()):
+                pseudo = replace_concept(phrase, concept)
+                if pseudo is not None:
+                    pairs.append((phrase, pseudo))
+        tasks.append(PhraseTask([p for p, _ in pairs], [q for _, q in pairs]))
+    return tasks
+
+
+def cosine_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Mean of 1 - cos(a_i, b_i) (CosineEmbeddingLoss with target 1)."""
+    return (1 - F.cosine_similarity(a, b, dim=-1)).mean()
+
+
+class OTIObjective:
+    """SEARLE's OTI loss for a fixed batch of images, with cached tokens and phrase targets.
+
+    `sample(step)` draws the step's templates and phrases from a seeded generator, so that two
+    objectives built with the same seed see the same prompts (used to compare implementations).
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        image_features: torch.Tensor,
+        tasks: Sequence[PhraseTask] | None,
+        config: OTIConfig,
+        rng: random.Random,
+    ) -> None:
+        self.backbone, self.config = backbone, config
+        self.image_features = image_features.to(backbone.device).float()
+        n = self.image_features.shape[0]
+        self.template_tokens = tokenize_prompts(backbone, list(config.templates))
+        use_gpt = config.lambda_gpt > 0 and tasks is not None
+        self.tasks = list(tasks) if use_gpt else [PhraseTask([], []) for _ in range(n)]
+        # Draw every step's choices up front: the targets needed are then known and encoded once.
+        self.template_choice = torch.tensor(
+            [[rng.randrange(len(config.templates)) for _ in range(n)] for _ in range(config.steps)]
+        )
+        self.phrase_choice = [
+            [rng.randrange(len(t.phrases)) if t.phrases else -1 for t in self.tasks] for _ in range(config.steps)
+        ]
+        self.noise_gen = torch.Generator(device="cpu").manual_seed(rng.randrange(2**31))
+        self._encode_phrases()
+
+    def _encode_phrases(self) -> None:
+        """Encode each distinct phrase target once (SEARLE re-encodes them every step)."""
+        used = sorted({(i, c) for row in self.phrase_choice for i, c in enumerate(row) if c >= 0})
+        self.slot = {key: j for j, key in enumerate(used)}
+        if not used:
+            self.phrase_targets = self.phrase_tokens = None
+            return
+        texts = [self.tasks[i].phrases[c] for i, c in used]
+        pseudo = [self.tasks[i].pseudo_phrases[c] for i, c in used]
+        with torch.no_grad(), self.backbone.autocast:
+            targets = [
+                encode_tokens(self.backbone, self.backbone.tokenize(texts[s : s + 256])).float()
+                for s in range(0, len(texts), 256)
+            ]
+        self.phrase_targets = torch.cat(targets)
+        self.phrase_tokens = tokenize_prompts(self.backbone, pseudo)
+
+    def loss(self, step: int, pseudo_tokens: torch.Tensor) -> torch.Tensor:
+        """(lambda_content * L_content + lambda_gpt * L_gpt) / (lambda_content + lambda_gpt)."""
+        cfg, n = self.config, pseudo_tokens.shape[0]
+        tokens = self.template_tokens[self.template_choice[step]]
+        rows = [i for i, c in enumerate(self.phrase_choice[step]) if c >= 0]
+        if rows:
+            slots = torch.tensor([self.slot[(i, self.phrase_choice[step][i])] for i in rows])
+            tokens = torch.cat([tokens, self.phrase_tokens[slots]])
+            pseudo = torch.cat([pseudo_tokens, pseudo_tokens[rows]])
+        else:
+            pseudo = pseudo_tokens
+        with self.backbone.autocast:
+            feats = encode_tokens(self.backbone, tokens, pseudo).float()  # one fused pass
+        text = F.normalize(feats[:n], dim=-1)
+        if cfg.gamma > 0:
+            noise = torch.randn(text.shape, generator=self.noise_gen) * cfg.gamma
+            text = text + noise.to(text.device)
+        content = cosine_loss(text, self.image_features)
+        total = cfg.lambda_content * content
+        weight = cfg.lambda_content
+        if rows:
+            gpt = cosine_loss(feats[n:], self.phrase_targets[slots.to(feats.device)])
+            total = total + cfg.lambda_gpt * gpt
+            weight += cfg.lambda_gpt
+        return total / weight
+
+
+def invert(
+    backbone: Backbone,
+    image_features: torch.Tensor,
+    config: OTIConfig | None = None,
+    tasks: Sequence[PhraseTask] | None = None,
+    init: torch.Tensor | None = None,
+    progress: bool = False,
+    history: list[float] | None = None,
+) -> torch.Tensor:
+    """Pseudo-tokens [N, token_width] for un-normalised image features [N, D] (one batch).
+
+    `tasks` gives each image's GPT phrases (see `phrase_tasks`); without them only the content
+    loss is used. `init` warm-starts from given tokens (e.g. phi's prediction) instead of
+    N(0, init_std). Mean losses per step are appended to `history` when given.
+    """
+    config = config or OTIConfig()
+    rng = random.Random(config.seed)
+    objective = OTIObjective(backbone, image_features, tasks, config, rng)
+    n = image_features.shape[0]
+    if init is None:
+        gen = torch.Generator().manual_seed(config.seed)
+        init = torch.randn(n, backbone.token_width, generator=gen) * config.init_std
+    v = torch.nn.Parameter(init.detach().clone().float().to(backbone.device))
+    ema = v.detach().clone()
+    optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
+    steps = range(config.steps)
+    for step in tqdm(steps, desc="OTI", leave=False, disable=not progress):
+        optimizer.zero_grad(set_to_none=True)
+        loss = objective.loss(step, v)
+        loss.backward()
+        optimizer.step()
+        ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
+        if history is not None:
+            history.append(float(loss.detach()))
+    return ema
+
+
+def invert_dataset(
+    backbone: Backbone,
+    ids: Sequence[str],
+    image_features: torch.Tensor,
+    out_dir: str | Path,
+    config: OTIConfig | None = None,
+    tasks: Sequence[PhraseTask] | None = None,
+    init: torch.Tensor | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int, float], None] | None = None,
+) -> tuple[list[str], torch.Tensor]:
+    """OTI over a whole dataset in batches, saved shard by shard so an interrupted run resumes.
+
+    Each batch b is seeded with `config.seed + b`, so a resumed run gives the same tokens as an
+    uninterrupted one. Shards are safetensors (tokens) + JSON (ids); `load_tokens` merges them.
+    """
+    config = config or OTIConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps({**asdict(config), "backbone": backbone.name,
+                                                 "pretrained": backbone.pretrained}, indent=1))
+    bs = config.batch_size
+    n_batches = (len(ids) + bs - 1) // bs
+    for b in tqdm(range(n_batches), desc="OTI batches", disable=not progress):
+        shard = out / f"shard_{b:06d}.safetensors"
+        if shard.exists():
+            continue
+        sl = slice(b * bs, (b + 1) * bs)
+        cfg = OTIConfig(**{**asdict(config), "seed": config.seed + b})
+        hist: list[float] = []
+        tokens = invert(backbone, image_features[sl], cfg, None if tasks is None else tasks[sl],
+                        None if init is None else init[sl], history=hist)
+        tmp = shard.with_suffix(".tmp")
+        save_file({"tokens": tokens.cpu().contiguous()}, str(tmp), metadata={"ids": json.dumps(list(ids[sl]))})
+        tmp.rename(shard)
+        if on_batch is not None:
+            on_batch(b, hist[-1] if hist else float("nan"))
+    return load_tokens(out)
+
+
+def load_tokens(out_dir: str | Path) -> tuple[list[str], torch.Tensor]:
+    """Merge the shards written by `invert_dataset`: (ids, tokens [N, width])."""
+    from safetensors import safe_open
+
+    ids: list[str] = []
+    tokens = []
+    for shard in sorted(Path(out_dir).glob("shard_*.safetensors")):
+        with safe_open(str(shard), "pt") as f:
+            ids += json.loads(f.metadata()["ids"])
+        tokens.append(load_file(str(shard))["tokens"])
+    if not tokens:
+        raise FileNotFoundError(f"no OTI shards in {out_dir}: run `isearle oti` first")
+    return ids, torch.cat(tokens)
+
+
+def invert_images(
+    backbone: Backbone,
+    ids: Sequence[str],
+    items: Sequence,
+    out_dir: str | Path,
+    config: OTIConfig | None = None,
+    concepts: object | None = None,
+    phrase_bank: Mapping[str, Sequence[str]] | None = None,
+    init_phi: torch.nn.Module | None = None,
+    store_top_k: int = 150,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> tuple[list[str], torch.Tensor]:
+    """The dataset-scale OTI run: features, top concepts, then resumable OTI, all kept in `out_dir`.
+
+    Writes features.safetensors (ids + un-normalised image features) and concepts.json (the top
+    `store_top_k` concept names per image, what phi training reads next) before the OTI shards.
+    """
+    from isearle.images import extract_features
+
+    config = config or OTIConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    feat_path = out / "features.safetensors"
+    if feat_path.is_file():
+        features = load_file(str(feat_path))["features"]
+    else:
+        features = extract_features(backbone, items, batch_size=batch_size, progress=progress)
+        save_file({"features": features.contiguous()}, str(feat_path), metadata={"ids": json.dumps(list(ids))})
+    tasks = None
+    if concepts is not None:
+        names = concepts.top_names(features, store_top_k)
+        (out / "concepts.json").write_text(json.dumps(dict(zip(ids, names, strict=True))))
+        if phrase_bank is not None:
+            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
+    init = None
+    if init_phi is not None:
+        with torch.inference_mode():
+            init = init_phi(features.to(backbone.device)).cpu()
+    return invert_dataset(backbone, ids, features, out, config, tasks, init, progress)
+
+
+def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[list[str]] | None]:
+    """(ids, image features, OTI tokens, top concepts per image or None) of an `isearle oti` run."""
+    from safetensors import safe_open
+
+    out = Path(out_dir)
+    with safe_open(str(out / "features.safetensors"), "pt") as f:
+        feat_ids = json.loads(f.metadata()["ids"])
+    features = load_file(str(out / "features.safetensors"))["features"]
+    ids, tokens = load_tokens(out)
+    row = {i: r for r, i in enumerate(feat_ids)}
+    features = features[[row[i] for i in ids]]
+    concept_file = out / "concepts.json"
+    concepts = None
+    if concept_file.is_file():
+        table = json.loads(concept_file.read_text())
+        concepts = [table[i] for i in ids]
+    return ids, features, tokens, concepts

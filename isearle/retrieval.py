@@ -1,0 +1,187 @@
+"""Composed queries: reference image + relative caption -> query feature -> ranked gallery.
+
+`compose_queries` is the batched form used by the evaluation; `Retriever` is the cached
+interactive path of the CLI and the demo: reference features and pseudo-words are kept by image
+content hash (bounded LRU), so a new caption for a seen image costs one text-encoder pass and one
+index search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from isearle.backbone import Backbone
+from isearle.oti import OTIConfig, invert
+from isearle.phi import Phi
+from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
+
+METHODS = ("image", "text", "image+text", "oti", "phi")
+DEFAULT_TEMPLATE = "a photo of $ that {}"
+
+
+@torch.inference_mode()
+def compose_queries(
+    backbone: Backbone,
+    method: str,
+    ref_features: torch.Tensor,
+    captions: Sequence[str],
+    *,
+    phi: Phi | None = None,
+    pseudo_tokens: torch.Tensor | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> torch.Tensor:
+    """L2-normalised query features [N, D] for method in METHODS.
+
+    image: the reference feature; text: the caption alone; image+text: the sum of both normalised
+    features; oti / phi: the template with S* (given `pseudo_tokens`, or phi's prediction).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    ref = ref_features.to(backbone.device).float()
+    if method == "image":
+        return F.normalize(ref, dim=-1)
+    if method in ("text", "image+text"):
+        text = F.normalize(backbone.encode_texts(list(captions)), dim=-1)
+        return text if method == "text" else F.normalize(text + F.normalize(ref, dim=-1), dim=-1)
+    if method == "phi":
+        if phi is None:
+            raise ValueError("method 'phi' needs a phi network (--phi)")
+        pseudo_tokens = phi.to(backbone.device)(ref)
+    if pseudo_tokens is None:
+        raise ValueError("method 'oti' needs the OTI pseudo-tokens of the references")
+    prompts = [fill_template(template, c) for c in captions]
+    return F.normalize(encode_with_pseudo_tokens(backbone, prompts, pseudo_tokens.to(backbone.device)), dim=-1)
+
+
+class LRUCache:
+    """A bounded, thread-safe least-recently-used map (a cache, so module state it may hold)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self.size, self._data, self._lock = size, OrderedDict(), threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key not in self._data:
+                return None
+            self._data.move_to_end(key)
+            return self._data[key]
+
+    def put(self, key: Hashable, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash of an image's pixels (same picture, same key, whatever its file name)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class Hit:
+    """One ranked gallery item."""
+
+    rank: int
+    id: str
+    score: float
+    metadata: dict
+
+
+class Retriever:
+    """Cached composed retrieval over a gallery index (CLI `query` and the demo)."""
+
+    def __init__(self, backbone: Backbone, index: Any, phi: Phi | None = None,
+                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256) -> None:
+        self.backbone, self.index, self.template = backbone, index, template
+        self.phi = phi.to(backbone.device).eval() if phi is not None else None
+        self.features = LRUCache(cache_size)  # image key -> un-normalised image feature [D]
+        self.tokens = LRUCache(cache_size)  # (image key, method, steps) -> pseudo-token [W]
+        self.texts = LRUCache(4 * cache_size)  # caption -> normalised text feature [D]
+
+    def image_features(self, image: Image.Image) -> tuple[str, torch.Tensor]:
+        key = image_key(image)
+        feats = self.features.get(key)
+        if feats is None:
+            feats = self.backbone.encode_pil([image])[0]
+            self.features.put(key, feats)
+        return key, feats
+
+    def pseudo_token(self, image: Image.Image, method: str = "phi", oti: OTIConfig | None = None,
+                     progress: bool = False) -> torch.Tensor:
+        """S* of an image by phi or OTI (warm-started from phi when there is one), cached."""
+        key, feats = self.image_features(image)
+        oti = oti or OTIConfig(batch_size=1)
+        ckey = (key, method, oti.steps if method == "oti" else 0)
+        token = self.tokens.get(ckey)
+        if token is not None:
+            return token
+        with torch.inference_mode():
+            phi_token = self.phi(feats[None])[0] if self.phi is not None else None
+        if method == "phi":
+            if phi_token is None:
+                raise ValueError("no phi network is loaded: choose OTI or load a phi checkpoint")
+            token = phi_token
+        elif method == "oti":
+            init = None if phi_token is None else phi_token[None].clone()
+            with torch.inference_mode(False), torch.enable_grad():
+                token = invert(self.backbone, feats[None].clone(), oti, init=init, progress=progress)[0]
+        else:
+            raise ValueError(f"no pseudo-word for method {method!r}")
+        self.tokens.put(ckey, token.detach())
+        return token.detach()
+
+    def text_feature(self, caption: str) -> torch.Tensor:
+        feat = self.texts.get(caption)
+        if feat is None:
+            feat = F.normalize(self.backbone.encode_texts([caption]), dim=-1)[0]
+            self.texts.put(caption, feat)
+        return feat
+
+    @torch.inference_mode()
+    def query_feature(self, image: Image.Image | None, caption: str, method: str = "phi",
+                      oti: OTIConfig | None = None, progress: bool = False) -> torch.Tensor:
+        """The normalised query feature [D] of one (reference, caption) pair."""
+        if method == "text":
+            return self.text_feature(caption)
+        if image is None:
+            raise ValueError("this method needs a reference image")
+        _, feats = self.image_features(image)
+        if method == "image":
+            return F.normalize(feats, dim=-1)
+        if method == "image+text":
+            return F.normalize(F.normalize(feats, dim=-1) + self.text_feature(caption), dim=-1)
+        token = self.pseudo_token(image, method, oti, progress)
+        prompt = fill_template(self.template, caption)
+        return F.normalize(encode_with_pseudo_tokens(self.backbone, [prompt], token), dim=-1)[0]
+
+    def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
+        rows = self.index.search(query.float().cpu().numpy()[None], k, exclude_ids=list(exclude) or None)[0]
+        return [Hit(r + 1, i, float(s), self.index.metadata.get(i, {})) for r, (i, s) in enumerate(rows)]
+
+    def query(self, image: Image.Image | None, caption: str, k: int = 10, method: str = "phi",
+              oti: OTIConfig | None = None, exclude: Sequence[str] = (), progress: bool = False) -> list[Hit]:
+        """Top-k gallery hits for a composed query."""
+        return self.search(self.query_feature(image, caption, method, oti, progress), k, exclude)
+
+    def warm_up(self, make_image: Callable[[], Image.Image] | None = None) -> None:
+        """Run one query of each kind so the first user request does not pay for lazy init."""
+        image = make_image() if make_image else Image.new("RGB", (self.backbone.image_size,) * 2, "gray")
+        method = "phi" if self.phi is not None else "image+text"
+        self.query(image, "is blue", k=1, method=method)
