@@ -1,0 +1,369 @@
+"""Contrastive training of a CLIP from scratch: the tiny CLIP of the offline shapes world.
+
+The trainer is generic (a map-style dataset of (image tensor, caption) pairs, open_clip's ClipLoss,
+AdamW with warmup + cosine, tqdm, resumable checkpoints of tensors only). The shapes dataset
+pre-renders scenes into a uint8 cache and draws a fresh caption from the world's grammar every time
+an image is used. `evaluate_zero_shot` measures text-to-image R@1 over held-out scenes and
+`export_weights` writes the fp16 safetensors that `load_backbone("isearle-shapes", "isearle-shapes")` loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from safetensors.torch import load_file, save_file
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from isearle.backbone import ASSETS_DIR, REPO_DIR, Backbone, build_preprocess, register_model_configs
+
+MODEL_NAME = "isearle-shapes"
+EXPORT_PATH = ASSETS_DIR / "models" / "isearle-shapes.safetensors"
+#: Held-out scene stream for zero-shot evaluation (training uses `TrainConfig.seed`, never this).
+EVAL_SEED = 987_654
+
+
+@dataclass
+class TrainConfig:
+    """Settings of `train_tiny_clip` (defaults: the run that produced the bundled weights)."""
+
+    model: str = MODEL_NAME
+    steps: int = 1200
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 60
+    #: Wall-clock budget: the schedule's progress is max(step/steps, minutes/budget), so the
+    #: cosine decays fully even when shared cores run slower than planned (0: steps only).
+    time_budget_min: float = 0.0
+    n_scenes: int = 50_000
+    seed: int = 0
+    threads: int = 0
+    out_dir: str = str(REPO_DIR / "runs" / "clip")
+    checkpoint_every: int = 50
+    eval_every: int = 200
+    eval_scenes: int = 1000
+    resume: bool = False
+    export: str = str(EXPORT_PATH)
+    caption_weights: tuple[float, float, float, float] = (0.3, 0.15, 0.3, 0.25)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def set_threads(threads: int = 0) -> int:
+    """Use `threads` intra-op threads (0: the CPUs this process may run on)."""
+    n = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(n)
+    return n
+
+
+# -------------------------------------------------------------------------------- datasets
+def to_pixels(images: torch.Tensor | np.ndarray, mean: Sequence[float] = open_clip.OPENAI_DATASET_MEAN,
+              std: Sequence[float] = open_clip.OPENAI_DATASET_STD) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> normalised float [B, 3, H, W] (open_clip's default normalisation)."""
+    x = torch.as_tensor(images).permute(0, 3, 1, 2).float().div_(255)
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def render_cache(specs: Sequence, size: int, progress: bool = True) -> np.ndarray:
+    """uint8 [N, size, size, 3] of rendered scenes."""
+    from isearle.shapes.world import render
+
+    out = np.empty((len(specs), size, size, 3), dtype=np.uint8)
+    for i, spec in enumerate(tqdm(specs, desc="render", disable=not progress, mininterval=2)):
+        out[i] = np.asarray(render(spec, size))
+    return out
+
+
+class ShapesCaptions(Dataset):
+    """Pre-rendered shapes scenes; each access draws a caption from the grammar, seeded by (seed, step, index)."""
+
+    def __init__(self, n: int, seed: int, size: int, context_length: int,
+                 caption_weights: Sequence[float] = (0.3, 0.15, 0.3, 0.25), progress: bool = True) -> None:
+        from isearle.shapes.world import scene_specs
+
+        self.specs = scene_specs(n, seed)
+        self.images = render_cache(self.specs, size, progress)
+        self.seed, self.step = seed, 0
+        self.context_length = context_length
+        self.caption_weights = tuple(caption_weights)
+        self._bpe = open_clip.tokenizer.SimpleTokenizer()  # the BPE of every open_clip CLIP config
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def _fits(self, text: str) -> bool:
+        return self._bpe is None or len(self._bpe.encode(text)) + 2 <= self.context_length
+
+    def caption(self, i: int) -> str:
+        from isearle.shapes.world import caption
+
+        rng = random.Random((self.seed * 100_003 + self.step) * 1_000_003 + i)
+        for _ in range(8):  # a caption cut by the context would state a different scene
+            text = caption(self.specs[i], rng, self.caption_weights)
+            if self._fits(text):
+                return text
+        return "a photo of " + " and ".join(f"a {o.colour} {o.shape}" for o in self.specs[i].objects)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
+        return self.images[i], self.caption(i)
+
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+        return to_pixels(self.images[np.asarray(indices)]), [self.caption(int(i)) for i in indices]
+
+
+def _batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+    if hasattr(dataset, "batch"):
+        return dataset.batch(indices)
+    items = [dataset[int(i)] for i in indices]
+    images = [torch.as_tensor(im) for im, _ in items]
+    return torch.stack(images), [c for _, c in items]
+
+
+# -------------------------------------------------------------------------------- training
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """open_clip's convention: no decay on gains, biases, embeddings and the logit scale."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name \
+            or "embedding" in name or "token" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def lr_at(progress: float, step: int, config: TrainConfig) -> float:
+    """Linear warmup over `warmup` steps, then cosine to 0 over the run's progress in [0, 1]."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
+    """Model + optimizer state (tensors and plain numbers only) and JSON metadata, atomically."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "meta": json.dumps(meta)}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    return json.loads(state["meta"])
+
+
+def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: TrainConfig,
+               progress: bool = True, eval_fn=None) -> dict[str, Any]:
+    """Contrastive training of `model` on `dataset` (image tensor, caption); resumable from out_dir/last.pt.
+
+    Returns the run's metadata: steps done, minutes, final loss, history of (step, loss, lr, eval).
+    """
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "last.pt"
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                  betas=(0.9, 0.98), eps=1e-6)
+    loss_fn = ClipLoss()
+    meta: dict[str, Any] = {"step": 0, "minutes": 0.0, "history": [], "config": asdict(config)}
+    if config.resume and ckpt.is_file():
+        meta = load_checkpoint(ckpt, model, optimizer)
+        print(f"resumed from {ckpt} at step {meta['step']} ({meta['minutes']:.1f} min)", flush=True)
+    model.train()
+    start_step, start_min, t0 = meta["step"], meta["minutes"], time.time()
+    bar = tqdm(total=config.steps, initial=start_step, desc="train-clip", disable=not progress,
+               mininterval=5, dynamic_ncols=False)
+    step, smooth = start_step, None
+    while step < config.steps:
+        minutes = start_min + (time.time() - t0) / 60
+        prog = step / config.steps
+        if config.time_budget_min > 0:
+            prog = max(prog, minutes / config.time_budget_min)
+        if prog >= 1.0:
+            break
+        lr = lr_at(prog, step, config)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        gen = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        idx = torch.randint(len(dataset), (config.batch_size,), generator=gen).tolist()
+        if hasattr(dataset, "set_step"):
+            dataset.set_step(step)
+        images, texts = _batch(dataset, idx)
+        img_f, txt_f, scale = model(images, tokenizer(texts))[:3]
+        loss = loss_fn(img_f, txt_f, scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.2e}", min=f"{minutes:.1f}", refresh=False)
+        meta["step"], meta["minutes"] = step, start_min + (time.time() - t0) / 60
+        if step % 10 == 0:
+            meta["history"].append({"step": step, "loss": round(smooth, 4), "lr": lr, "minutes": round(meta["minutes"], 2)})
+        if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+            model.eval()
+            r = eval_fn(model)
+            model.train()
+            meta["history"].append({"step": step, "eval": r})
+            print(f"\nstep {step}: {r}", flush=True)
+        if step % config.checkpoint_every == 0 or step >= config.steps:
+            save_checkpoint(ckpt, model, optimizer, meta)
+    bar.close()
+    meta["final_loss"] = smooth
+    save_checkpoint(ckpt, model, optimizer, meta)
+    model.eval()
+    return meta
+
+
+# ------------------------------------------------------------------------------ evaluation
+def backbone_from_model(model: torch.nn.Module, name: str = MODEL_NAME, device: str = "cpu") -> Backbone:
+    """Wrap a model being trained as an inference `Backbone` (same preprocessing as load_backbone)."""
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    return Backbone(model=model, preprocess=build_preprocess("targetpad", size, open_clip.OPENAI_DATASET_MEAN,
+                                                             open_clip.OPENAI_DATASET_STD),
+                    tokenizer=open_clip.get_tokenizer(name), name=name, pretrained=None, device=torch.device(device))
+
+
+@torch.no_grad()
+def evaluate_zero_shot(backbone: Backbone, n: int = 1000, seed: int = EVAL_SEED,
+                       forms: Sequence[str] = ("full", "clause", "edit")) -> dict[str, float]:
+    """Text-to-image R@1 over `n` held-out scenes, per caption form.
+
+    "full": a full description; "clause": "a photo of {partial} that {rest}"; "edit": a description
+    of another scene plus the edit that leads to this one. A hit is a top-1 image whose scene is the
+    caption's (same attributes: a duplicate scene counts too); "full_strict" needs the exact image.
+    """
+    from isearle.shapes.world import clause_caption, describe, edit_caption, render, scene_specs
+
+    specs = scene_specs(n, seed)
+    sigs = [s.signature() for s in specs]
+    pixels = torch.stack([backbone.preprocess(render(s, backbone.image_size)) for s in specs])
+    img = torch.nn.functional.normalize(torch.cat([backbone.encode_images(pixels[i:i + 250])
+                                                   for i in range(0, n, 250)]), dim=-1)
+    makers = {"full": lambda s, r: "a photo of " + describe(s, r, p_background=1.0),
+              "clause": clause_caption, "edit": edit_caption}
+    out: dict[str, float] = {}
+    for form in forms:
+        rng = random.Random(seed * 10 + sorted(makers).index(form))
+        texts = [makers[form](s, rng) for s in specs]
+        txt = torch.nn.functional.normalize(torch.cat([backbone.encode_texts(texts[i:i + 250])
+                                                       for i in range(0, n, 250)]), dim=-1)
+        top = (txt @ img.T).argmax(dim=1).tolist()
+        out[form] = round(sum(sigs[t] == sigs[i] for i, t in enumerate(top)) / n, 4)
+        if form == "full":
+            out["full_strict"] = round(sum(t == i for i, t in enumerate(top)) / n, 4)
+    return out
+
+
+# ---------------------------------------------------------------------------------- export
+def export_weights(model: torch.nn.Module, path: str | Path = EXPORT_PATH, stats: dict[str, Any] | None = None) -> Path:
+    """fp16 safetensors of the model (what the "isearle-shapes" tag loads) and a JSON sidecar of stats."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt", "model": MODEL_NAME})
+    if stats is not None:
+        path.with_suffix(".json").write_text(json.dumps(stats, indent=2))
+    return path
+
+
+def load_exported(model: torch.nn.Module, path: str | Path = EXPORT_PATH) -> torch.nn.Module:
+    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    model.load_state_dict(state)
+    return model
+
+
+def train_tiny_clip(config: TrainConfig, progress: bool = True) -> Path:
+    """Train the shapes CLIP (resumable), measure zero-shot R@1, export fp16 weights; returns the weights path."""
+    threads = set_threads(config.threads)
+    register_model_configs()
+    torch.manual_seed(config.seed)
+    model, _, _ = open_clip.create_model_and_transforms(config.model, pretrained=None)
+    tokenizer = open_clip.get_tokenizer(config.model)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    ctx = model.positional_embedding.shape[0]
+    t = time.time()
+    data = ShapesCaptions(config.n_scenes, config.seed, size, ctx, config.caption_weights, progress)
+    print(f"rendered {len(data)} training scenes in {time.time() - t:.0f} s; {threads} threads", flush=True)
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        return evaluate_zero_shot(backbone_from_model(m, config.model), n=config.eval_scenes)
+
+    meta = train_clip(model, data, tokenizer, config, progress, eval_fn if config.eval_every else None)
+    r = evaluate_zero_shot(backbone_from_model(model, config.model), n=config.eval_scenes)
+    stats = {"model": config.model, "steps": meta["step"], "minutes": round(meta["minutes"], 1),
+             "batch_size": config.batch_size, "samples_seen": meta["step"] * config.batch_size,
+             "final_loss": meta.get("final_loss"), "zero_shot_r1": r,
+             "eval": f"text-to-image R@1 over {config.eval_scenes} held-out scenes (seed {EVAL_SEED})",
+             "config": asdict(config), "threads": threads}
+    path = export_weights(model, config.export, stats)
+    print(json.dumps({k: stats[k] for k in ("steps", "minutes", "final_loss", "zero_shot_r1")}), flush=True)
+    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------- CLI
+def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `isearle train-clip`."""
+    d = TrainConfig()
+    p.add_argument("--model", default=d.model, help="open_clip config name (default: the bundled isearle-shapes)")
+    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
+    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
+    p.add_argument("--time-budget", type=float, default=d.time_budget_min,
+                   help="minutes: the cosine schedule ends by then even if steps remain (0: off)")
+    p.add_argument("--scenes", type=int, default=d.n_scenes, help="training scenes rendered into the cache")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of scenes, captions and batches")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
+    p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.pt)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between zero-shot evaluations (0: off)")
+    p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes of the zero-shot R@1")
+    p.add_argument("--export", default=d.export, help="fp16 safetensors written at the end")
+    p.add_argument("--eval-only", default=None, metavar="WEIGHTS",
+                   help="only measure zero-shot R@1 of these weights ('isearle-shapes': the bundled ones)")
+
+
+def train_clip_main(args: argparse.Namespace) -> int:
+    """`isearle train-clip`: train + export, or with --eval-only measure R@1 of existing weights."""
+    if args.eval_only:
+        from isearle.backbone import load_backbone
+
+        set_threads(args.threads)
+        backbone = load_backbone(args.model, args.eval_only, device="cpu")
+        print(json.dumps(evaluate_zero_shot(backbone, n=args.eval_scenes)))
+        return 0
+    config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                         weight_decay=args.weight_decay, warmup=args.warmup, time_budget_min=args.time_budget,
+                         n_scenes=args.scenes, seed=args.seed, threads=args.threads, out_dir=args.out_dir,
+                         resume=args.resume, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
+                         export=args.export)
+    train_tiny_clip(config)
+    return 0

@@ -1,0 +1,35 @@
+"""Shared fixtures of the core test suite: offline hub, a random-init tiny CLIP, the paper's B/32 shape."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: never touch the network
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from isearle.backbone import Backbone, load_backbone  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Backbone:
+    """isearle-tiny-test: random init, text width 48 != embed dim 64 (phi's in/out sizes differ)."""
+    torch.manual_seed(0)  # random init, made reproducible
+    return load_backbone("isearle-tiny-test", None, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def vitb32() -> Backbone:
+    """The paper's ViT-B/32 architecture (text width 512, 12 layers) with random weights."""
+    torch.manual_seed(0)
+    return load_backbone("ViT-B-32", None, device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """No test reads or writes the user's ~/.cache/isearle (concept banks, official weights)."""
+    import isearle.concepts
+    import isearle.phi
+
+    cache = tmp_path / "isearle-cache"
+    monkeypatch.setattr(isearle.concepts, "CACHE_DIR", cache)
+    monkeypatch.setattr(isearle.phi, "CACHE_DIR", cache)

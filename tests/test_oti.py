@@ -1,0 +1,244 @@
+"""OTI: loss decreases, determinism, warm start, fused objective == naive SEARLE loss, resumable shards."""
+
+import json
+import random
+import statistics
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+
+from isearle.concepts import ConceptBank
+from isearle.oti import (
+    TEMPLATES,
+    OTIConfig,
+    OTIObjective,
+    invert,
+    invert_dataset,
+    invert_images,
+    load_run,
+    load_tokens,
+    phrase_tasks,
+    replace_concept,
+)
+from isearle.pseudo_word import encode_with_pseudo_tokens, normalize_prompt
+
+PHRASE_BANK = {
+    "dog": ["a photo of dog that is on the grass", "a photo of Dog that sleeps", "a photo of dog, running"],
+    "cat": ["a photo of cat that is black", "a photo of a cat on a sofa"],
+    "car": ["a photo of car that is red and parked in a very long street next to many other cars"],
+    "tree": ["a photo of tree that has no leaves"],
+}
+IMAGE_CONCEPTS = [["dog", "cat"], ["car"], ["cat", "car", "tree"], ["dog"], ["unknown"]]
+
+
+def _features(n: int, dim: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed))
+
+
+# ----------------------------------------------------------------------------- phrase helpers
+def test_replace_concept():
+    assert normalize_prompt(replace_concept("a photo of Dog that sleeps", "dog")) == "a photo of $ that sleeps"
+    assert normalize_prompt(replace_concept("a photo of dog, running", "dog")) == "a photo of $ , running"
+    assert normalize_prompt(replace_concept("a hot dog and a dog", "hot dog")) == "a $ and a dog"
+    assert replace_concept("a photo of a hotdog", "dog") is None
+    assert replace_concept("a photo of dogs", "dog") is None
+    assert replace_concept("a photo of a cat", "dog") is None
+    assert normalize_prompt(replace_concept("my t-shirt is red", "t-shirt")) == "my $ is red"
+
+
+def test_phrase_tasks_pairs_and_top_k():
+    tasks = phrase_tasks(IMAGE_CONCEPTS, PHRASE_BANK, top_k=2)
+    assert len(tasks) == len(IMAGE_CONCEPTS)
+    assert len(tasks[0].phrases) == 5 and len(tasks[0].pseudo_phrases) == 5
+    assert tasks[2].phrases == PHRASE_BANK["cat"] + PHRASE_BANK["car"]  # "tree" is the 3rd concept
+    assert tasks[4].phrases == []
+    for task in tasks:
+        for phrase, pseudo in zip(task.phrases, task.pseudo_phrases, strict=True):
+            assert normalize_prompt(pseudo).split().count("$") == 1
+            assert "$" not in phrase
+
+
+# ------------------------------------------------------------------------------- optimisation
+@pytest.mark.parametrize("gamma", [0.0, 0.2])
+@pytest.mark.parametrize("with_phrases", [False, True])
+def test_oti_lowers_its_loss(tiny, gamma, with_phrases):
+    feats = _features(5, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS, PHRASE_BANK) if with_phrases else None
+    history: list[float] = []
+    tokens = invert(tiny, feats, OTIConfig(steps=40, gamma=gamma), tasks, history=history)
+    assert tokens.shape == (5, tiny.token_width)
+    assert torch.isfinite(tokens).all()
+    assert len(history) == 40
+    first, last = statistics.mean(history[:10]), statistics.mean(history[-10:])
+    assert last < first - 0.02, (first, last)
+
+
+def test_oti_same_seed_same_tokens(tiny):
+    feats = _features(3, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS[:3], PHRASE_BANK)
+    cfg = OTIConfig(steps=8, gamma=0.1)
+    a = invert(tiny, feats, cfg, tasks)
+    b = invert(tiny, feats, cfg, tasks)
+    c = invert(tiny, feats, OTIConfig(steps=8, gamma=0.1, seed=1), tasks)
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_oti_warm_start_is_used(tiny):
+    feats = _features(3, tiny.embed_dim)
+    init = _features(3, tiny.token_width, seed=5) * 0.3
+    kept = init.clone()
+    frozen = invert(tiny, feats, OTIConfig(steps=3, lr=0.0), init=init)  # lr 0: v never moves
+    assert torch.allclose(frozen, init, atol=1e-6)
+    warm = invert(tiny, feats, OTIConfig(steps=5), init=init)
+    cold = invert(tiny, feats, OTIConfig(steps=5))
+    assert torch.equal(init, kept)  # the caller's tensor is not modified
+    assert (warm - init).norm() < (cold - init).norm()
+    assert not torch.allclose(warm, cold)
+
+
+# ------------------------------------------------------------------ fused objective == naive loss
+def _naive_searle_loss(backbone, objective: OTIObjective, step: int, v: torch.Tensor,
+                       noise: torch.Tensor | None = None) -> torch.Tensor:
+    """SEARLE's OTI step written plainly: separate template and phrase passes over the FULL context,
+    phrase targets re-encoded with open_clip's own text encoder, same sampled prompts."""
+    cfg = objective.config
+    templates = [cfg.templates[int(c)] for c in objective.template_choice[step]]
+    text = F.normalize(encode_with_pseudo_tokens(backbone, templates, v, truncate=False), dim=-1)
+    if noise is not None:
+        text = text + noise
+    image = objective.image_features
+    content = (1 - F.cosine_similarity(text, image, dim=-1)).mean()
+    rows = [i for i, c in enumerate(objective.phrase_choice[step]) if c >= 0]
+    if not rows:
+        return content
+    picks = [objective.phrase_choice[step][i] for i in rows]
+    phrases = [objective.tasks[i].phrases[c] for i, c in zip(rows, picks, strict=True)]
+    pseudo = [objective.tasks[i].pseudo_phrases[c] for i, c in zip(rows, picks, strict=True)]
+    with torch.no_grad():
+        targets = backbone.model.encode_text(backbone.tokenize(phrases))
+    feats = encode_with_pseudo_tokens(backbone, pseudo, v[rows], truncate=False)
+    gpt = (1 - F.cosine_similarity(feats, targets, dim=-1)).mean()
+    return (cfg.lambda_content * content + cfg.lambda_gpt * gpt) / (cfg.lambda_content + cfg.lambda_gpt)
+
+
+def test_fused_objective_equals_naive_searle_loss(tiny):
+    feats = _features(5, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS, PHRASE_BANK)
+    objective = OTIObjective(tiny, feats, tasks, OTIConfig(steps=12, gamma=0.0), random.Random(3))
+    assert objective.template_choice.shape == (12, 5)
+    assert all(row[4] == -1 for row in objective.phrase_choice)  # image 4 has no phrases
+    assert any(len({row[i] for row in objective.phrase_choice}) > 1 for i in range(4))  # phrases vary
+    v = torch.nn.Parameter(_features(5, tiny.token_width, seed=9) * 0.05)
+    for step in (0, 4, 7, 11):
+        fused = objective.loss(step, v)
+        naive = _naive_searle_loss(tiny, objective, step, v)
+        assert abs(fused.item() - naive.item()) <= 1e-5, step
+    # the gradients agree too (what the optimiser sees)
+    g_fused = torch.autograd.grad(objective.loss(5, v), v)[0]
+    g_naive = torch.autograd.grad(_naive_searle_loss(tiny, objective, 5, v), v)[0]
+    assert float((g_fused - g_naive).abs().max()) <= 1e-5
+
+
+def test_fused_objective_noise_matches_reference(tiny):
+    feats = _features(4, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS[:4], PHRASE_BANK)
+    objective = OTIObjective(tiny, feats, tasks, OTIConfig(steps=4, gamma=0.3), random.Random(0))
+    v = torch.nn.Parameter(_features(4, tiny.token_width, seed=2) * 0.05)
+    state = objective.noise_gen.get_state()
+    fused = objective.loss(2, v)
+    gen = torch.Generator().manual_seed(0)
+    gen.set_state(state)
+    noise = torch.randn(4, tiny.embed_dim, generator=gen) * 0.3
+    assert abs(float(fused) - float(_naive_searle_loss(tiny, objective, 2, v, noise))) <= 1e-5
+    assert abs(float(fused) - float(_naive_searle_loss(tiny, objective, 2, v))) > 1e-4  # noise is applied
+
+
+def test_objective_without_phrases_is_content_only(tiny):
+    feats = _features(3, tiny.embed_dim)
+    objective = OTIObjective(tiny, feats, None, OTIConfig(steps=3, gamma=0.0), random.Random(0))
+    assert objective.phrase_targets is None
+    assert all(c == -1 for row in objective.phrase_choice for c in row)
+    v = torch.nn.Parameter(_features(3, tiny.token_width, seed=1) * 0.05)
+    assert abs(float(objective.loss(1, v)) - float(_naive_searle_loss(tiny, objective, 1, v))) <= 1e-5
+
+
+def test_default_config_is_searle():
+    cfg = OTIConfig()
+    assert (cfg.steps, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.init_std) == (350, 2e-2, 0.01, 0.99, 0.02)
+    assert (cfg.lambda_content, cfg.lambda_gpt, cfg.top_k_concepts) == (1.0, 0.5, 15)
+    assert all(normalize_prompt(t).split().count("$") == 1 for t in TEMPLATES)
+
+
+# ------------------------------------------------------------------------- resumable dataset run
+def test_invert_dataset_resumes_and_skips_existing_shards(tiny, tmp_path):
+    n = 5
+    ids = [f"img{i}" for i in range(n)]
+    feats = _features(n, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS, PHRASE_BANK)
+    cfg = OTIConfig(steps=6, batch_size=2)
+    out = tmp_path / "oti"
+    done: list[int] = []
+    got_ids, tokens = invert_dataset(tiny, ids, feats, out, cfg, tasks, progress=False,
+                                     on_batch=lambda b, loss: done.append(b))
+    assert done == [0, 1, 2]
+    assert got_ids == ids and tokens.shape == (n, tiny.token_width)
+    shards = sorted(out.glob("shard_*.safetensors"))
+    assert [s.name for s in shards] == [f"shard_{b:06d}.safetensors" for b in range(3)]
+    # shards are safetensors with their ids in the metadata: no pickle anywhere
+    for shard in shards:
+        head = shard.read_bytes()[:16]
+        assert not head.startswith(b"\x80") and not head.startswith(b"PK")
+        with safe_open(str(shard), "pt") as f:
+            assert list(f.keys()) == ["tokens"]
+            assert len(json.loads(f.metadata()["ids"])) == f.get_tensor("tokens").shape[0]
+    assert not list(out.glob("*.pt")) and not list(out.glob("*.pkl")) and not list(out.glob("*.tmp"))
+    assert json.loads((out / "config.json").read_text())["backbone"] == tiny.name
+
+    shards[1].unlink()  # an interrupted run: batch 1 missing
+    done.clear()
+    got_ids2, tokens2 = invert_dataset(tiny, ids, feats, out, cfg, tasks, progress=False,
+                                       on_batch=lambda b, loss: done.append(b))
+    assert done == [1]  # existing shards are skipped
+    assert got_ids2 == ids
+    assert torch.equal(tokens2, tokens)
+    assert load_tokens(out)[0] == ids
+
+    done.clear()
+    invert_dataset(tiny, ids, feats, out, cfg, tasks, progress=False, on_batch=lambda b, loss: done.append(b))
+    assert done == []
+
+
+def test_invert_dataset_uses_per_row_init(tiny, tmp_path):
+    feats = _features(3, tiny.embed_dim)
+    init = _features(3, tiny.token_width, seed=4)
+    _, tokens = invert_dataset(tiny, ["a", "b", "c"], feats, tmp_path, OTIConfig(steps=2, lr=0.0, batch_size=2),
+                               init=init, progress=False)
+    assert torch.allclose(tokens, init, atol=1e-6)
+
+
+def test_load_tokens_without_shards_raises(tmp_path):
+    with pytest.raises(FileNotFoundError, match="isearle oti"):
+        load_tokens(tmp_path)
+
+
+def test_invert_images_writes_a_loadable_run(tiny, tmp_path):
+    colours = ["red", "green", "blue", "yellow", "white"]
+    items = [lambda c=c: Image.new("RGB", (40, 30), c) for c in colours]
+    ids = [f"{c}.png" for c in colours]
+    names = ["dog", "cat", "car", "tree"]
+    bank = ConceptBank.build(tiny, names, progress=False)
+    cfg = OTIConfig(steps=4, batch_size=2, top_k_concepts=2)
+    out = tmp_path / "run"
+    got_ids, tokens = invert_images(tiny, ids, items, out, cfg, bank, PHRASE_BANK, store_top_k=3,
+                                    batch_size=2, progress=False)
+    assert got_ids == ids and tokens.shape == (5, tiny.token_width)
+    run_ids, features, run_tokens, concepts = load_run(out)
+    assert run_ids == ids
+    assert features.shape == (5, tiny.embed_dim)
+    assert torch.allclose(features, tiny.encode_pil([it() for it in items]), atol=1e-5)
+    assert torch.equal(run_tokens, tokens)
+    assert concepts is not None and all(len(c) == 3 and set(c) <= set(names) for c in concepts)
