@@ -56,6 +56,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     eval_every: int = 200
     eval_scenes: int = 1000
+    log_every: int = 10
     resume: bool = False
     export: str = str(EXPORT_PATH)
     caption_weights: tuple[float, float, float, float] = (0.3, 0.15, 0.3, 0.25)
@@ -221,8 +222,9 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.2e}", min=f"{minutes:.1f}", refresh=False)
         meta["step"], meta["minutes"] = step, start_min + (time.time() - t0) / 60
-        if step % 10 == 0:
-            meta["history"].append({"step": step, "loss": round(smooth, 4), "lr": lr, "minutes": round(meta["minutes"], 2)})
+        if step % config.log_every == 0:
+            meta["history"].append({"step": step, "loss": round(smooth, 4), "batch_loss": round(loss.item(), 4),
+                                    "lr": lr, "minutes": round(meta["minutes"], 2)})
         if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
             model.eval()
             r = eval_fn(model)

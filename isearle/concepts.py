@@ -42,7 +42,12 @@ def load_vocabulary(source: str) -> list[str]:
     if source == "imagenet":
         from open_clip import IMAGENET_CLASSNAMES
 
-        return list(dict.fromkeys(IMAGENET_CLASSNAMES))
+        # open_clip names two pairs of classes alike (657/744 "missile", 836/837 "sunglasses");
+        # WordNet's names for 744 and 836 keep all 1000 classes, distinct and in class order.
+        names = list(IMAGENET_CLASSNAMES)
+        if names[744] == names[657] == "missile" and names[836] == names[837] == "sunglasses":
+            names[744], names[836] = "projectile", "sunglass"
+        return names
     if source == "shapes":
         from isearle.shapes.world import vocabulary
 

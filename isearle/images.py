@@ -48,7 +48,7 @@ def open_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
         return image.convert("RGB")
     except BadImage:
         raise
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning: under -W error
         raise BadImage(f"image too large (decompression-bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise BadImage(f"not a readable image ({type(err).__name__}): upload a PNG, JPEG or WebP file") from err

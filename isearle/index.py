@@ -91,9 +91,10 @@ def _as_matrix(x: np.ndarray | torch.Tensor, dim: int | None = None) -> np.ndarr
         raise ValueError(f"expected features [N, D] or [D], got shape {x.shape}")
     if dim is not None and x.shape[1] != dim:
         raise ValueError(f"feature size {x.shape[1]} does not match the index's {dim}")
-    x = np.ascontiguousarray(x, dtype=np.float32).copy()
-    faiss.normalize_L2(x)
-    return x
+    # numpy, not faiss.normalize_L2: its SIMD path can round a row differently depending on the
+    # batch it comes in, and a gallery must not depend on how its adds were split.
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
 def canonical_backbone(name: str | None, pretrained: str | None) -> tuple[str | None, str | None]:

@@ -100,6 +100,26 @@ def test_oti_warm_start_is_used(tiny):
     assert not torch.allclose(warm, cold)
 
 
+
+def test_oti_returns_the_ema_of_adamw_iterates(tiny):
+    """invert == SEARLE's loop written out: AdamW on v, EMA (decay 0.99) of v is the result."""
+    feats = _features(3, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS[:3], PHRASE_BANK)
+    cfg = OTIConfig(steps=6, gamma=0.1, seed=4)
+    init = _features(3, tiny.token_width, seed=6) * 0.02
+    objective = OTIObjective(tiny, feats, tasks, cfg, random.Random(cfg.seed))
+    v = torch.nn.Parameter(init.clone())
+    ema = init.clone()
+    optimizer = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step in range(cfg.steps):
+        optimizer.zero_grad()
+        objective.loss(step, v).backward()
+        optimizer.step()
+        ema = cfg.ema_decay * ema + (1 - cfg.ema_decay) * v.detach()
+    result = invert(tiny, feats, cfg, tasks, init=init)
+    assert float((result - ema).abs().max()) <= 1e-6
+    assert float((result - v.detach()).abs().max()) > 1e-4  # the EMA, not the last iterate
+
 # ------------------------------------------------------------------ fused objective == naive loss
 def _naive_searle_loss(backbone, objective: OTIObjective, step: int, v: torch.Tensor,
                        noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -1,0 +1,535 @@
+"""The standard evaluation: CIRR, CIRCO, FashionIQ, ImageNet-R domain conversion and ShapesCIR.
+
+`evaluate` runs one benchmark end to end: load the official files (`isearle.datasets`), encode the
+gallery and reference images (batched, cached on disk per backbone), build one query feature per
+query with `compose_queries` (image, text, image+text, OTI or phi), rank the gallery by cosine and
+compute the benchmark's metrics (`isearle.metrics`). It returns a dict that `format_table` prints
+and that is written as JSON; CIRR and CIRCO (and ShapesCIR) also get test-server submission files.
+
+Protocol choices (see `isearle.metrics` for the ranking rules):
+
+* Reference exclusion: the reference image is removed from the ranking on CIRR (official protocol)
+  and ShapesCIR; CIRCO's and FashionIQ's reference code keeps it in the gallery, and so do we by
+  default, so that the papers' numbers are comparable (`exclude_reference` overrides it).
+* FashionIQ: each query is "a photo of $ that {c1} and {c2}" and the reversed order, the two
+  normalised features averaged and renormalised (SEARLE); text-only uses "{c1} and {c2}" likewise.
+* Domain conversion: prompts "a {domain} of $" (text-only: "a {domain} of"), Pic2Word's recall
+  (fraction of the class's images in that domain found in the top K).
+* ShapesCIR: "R@K" is 1 when any ground truth is in the top K (it has several equivalent ones);
+  "R_first@K" is CIRCO's Recall@K on the annotated target only; mAP@K as on CIRCO; "per_edit"
+  is mAP@10 per edit type.
+* Captions containing the placeholder "$" have it spelled out ("dollar"), so that S* stays the
+  only "$" token of the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from isearle import metrics as M
+from isearle.datasets import (
+    BENCHMARKS,
+    DOMAINS,
+    FASHIONIQ_CATEGORIES,
+    Benchmark,
+    FeatureCache,
+    Query,
+    backbone_key,
+    default_cache_dir,
+    extract_features_cached,
+    fashioniq_prompts,
+    load_benchmarks,
+)
+from isearle.oti import OTIConfig
+from isearle.retrieval import DEFAULT_TEMPLATE, METHODS, compose_queries
+
+#: Whether the reference image is removed from the ranking by default (see the module docstring).
+EXCLUDE_REFERENCE = {"cirr": True, "circo": False, "fashioniq": False, "imagenet-r": False, "shapes": True}
+DEFAULT_SPLIT = {"cirr": "val", "circo": "val", "fashioniq": "val", "imagenet-r": "val", "shapes": "val"}
+TITLES = {"cirr": "CIRR", "circo": "CIRCO", "fashioniq": "FashionIQ", "imagenet-r": "ImageNet-R domain conversion",
+          "shapes": "ShapesCIR"}
+SUBMISSION_TOP = 50
+
+
+@dataclass
+class Ranked:
+    """What one benchmark's ranking produced: ranks of the ground truths, top lists, per-query labels."""
+
+    ranks: torch.Tensor  # [Q, T] ranks of each query's ground truths (inf: beyond the top 50, or absent)
+    n_relevant: torch.Tensor  # [Q]
+    top: list[list[str]]  # top-50 gallery ids per query
+    subset_ranks: torch.Tensor | None = None  # CIRR Recall_subset: target rank among img_set members
+    subset_top: list[list[str]] | None = None
+    relevant_top: torch.Tensor | None = None  # [Q, 50] bool: is each top item a ground truth
+
+
+# ---------------------------------------------------------------------------------- queries
+def _safe_caption(text: str) -> str:
+    return text.replace("$", " dollar ")
+
+
+def _plain_text(q: Query) -> str:
+    """The text of the text-only baselines: the caption, or the template without "$" (domain conversion)."""
+    if q.caption or q.template is None:
+        return q.caption
+    return " ".join(q.template.replace("$", " ").split())
+
+
+@torch.inference_mode()
+def compose_benchmark_queries(backbone: Any, bench: Benchmark, method: str, ref_features: torch.Tensor,
+                              ref_index: dict[str, int], *, phi: torch.nn.Module | None = None,
+                              pseudo_tokens: torch.Tensor | None = None, template: str = DEFAULT_TEMPLATE,
+                              batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+    """L2-normalised query features [Q, D] of a benchmark's queries, batched by prompt template.
+
+    `ref_features` [R, D] (un-normalised) and `pseudo_tokens` [R, W] (OTI) are indexed by reference id
+    through `ref_index`. FashionIQ queries (two captions) average the features of both caption orders.
+    """
+    out = torch.empty(len(bench.queries), backbone.embed_dim)
+    groups: dict[str | None, list[int]] = {}
+    for i, q in enumerate(bench.queries):
+        groups.setdefault(q.template, []).append(i)
+    bar = tqdm(total=len(bench.queries), desc=f"queries ({method})", disable=not progress, unit="q")
+    for tmpl, rows in groups.items():
+        prompt_template = tmpl or template
+        for s in range(0, len(rows), batch_size):
+            chunk = rows[s : s + batch_size]
+            qs = [bench.queries[i] for i in chunk]
+            refs = torch.tensor([ref_index[q.reference] for q in qs])
+            feats = ref_features[refs]
+            tokens = pseudo_tokens[refs] if pseudo_tokens is not None else None
+            if qs[0].captions:  # FashionIQ: both orders
+                orders = list(zip(*[fashioniq_prompts(q.captions) for q in qs], strict=True))
+            elif method in ("text", "image+text"):
+                orders = [[_plain_text(q) for q in qs]]
+            else:
+                orders = [[q.caption for q in qs]]
+            total = None
+            for captions in orders:
+                f = compose_queries(backbone, method, feats, [_safe_caption(c) for c in captions],
+                                    phi=phi, pseudo_tokens=tokens, template=prompt_template)
+                total = f if total is None else total + f
+            out[chunk] = F.normalize(total.float(), dim=-1).cpu()
+            bar.update(len(chunk))
+    bar.close()
+    return out
+
+
+def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config: OTIConfig, *,
+               cache_root: Path | None, namespace: str, preprocess: str = "targetpad",
+               phrases: Path | None = None, vocabulary: str = "openimages", init: torch.Tensor | None = None,
+               progress: bool = True) -> torch.Tensor:
+    """OTI pseudo-tokens [R, W] of the reference images, resumable and cached under
+    ``{cache_root}/oti/{backbone}/{namespace}/{config hash}`` (a temp folder when `cache_root` is None)."""
+    from isearle.oti import invert_dataset, phrase_tasks
+
+    tasks = None
+    phrase_id = None
+    if phrases is not None:
+        from isearle.concepts import concept_bank
+
+        bank = json.loads(Path(phrases).read_text(encoding="utf-8"))
+        concepts = concept_bank(backbone, vocabulary, progress=progress)
+        names = concepts.top_names(features, config.top_k_concepts)
+        tasks = phrase_tasks(names, bank, config.top_k_concepts)
+        phrase_id = [str(Path(phrases).resolve()), Path(phrases).stat().st_mtime_ns, vocabulary]
+    ident = json.dumps([asdict(config), list(ids), phrase_id, init is not None], sort_keys=True, default=str)
+    digest = hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
+    if cache_root is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            _, tokens = invert_dataset(backbone, list(ids), features, tmp, config, tasks, init, progress)
+            return tokens
+    out = Path(cache_root) / "oti" / backbone_key(backbone.name, backbone.pretrained, preprocess) / namespace / digest
+    got_ids, tokens = invert_dataset(backbone, list(ids), features, out, config, tasks, init, progress)
+    if list(got_ids) != list(ids):
+        raise RuntimeError(f"OTI cache {out} holds other images: delete it and run again")
+    return tokens
+
+
+# ---------------------------------------------------------------------------------- ranking
+def _chunk_size(n_gallery: int) -> int:
+    return int(max(16, min(1024, 40_000_000 // max(n_gallery, 1))))
+
+
+@torch.inference_mode()
+def rank_gallery(bench: Benchmark, queries: torch.Tensor, gallery: torch.Tensor, exclude_reference: bool,
+                 device: torch.device | str = "cpu", top: int = SUBMISSION_TOP, progress: bool = True) -> Ranked:
+    """Score every query against the (L2-normalised) gallery in chunks; ranks, top lists, CIRR subsets."""
+    pos = {g: i for i, g in enumerate(bench.gallery)}
+    qs = bench.queries
+    width = max([len(q.targets) for q in qs] + [1])
+    targets = M.pad_indices([[pos.get(t, -1) for t in q.targets] for q in qs], width)
+    refs = torch.tensor([[pos.get(q.reference, -1)] for q in qs], dtype=torch.long)
+    want_ranks = bench.name != "imagenet-r"  # domain conversion needs only the top lists
+    has_subset = any(q.subset for q in qs)
+    gallery = gallery.to(device)
+    ranks, sub_ranks, tops, sub_tops, rel_top = [], [], [], [], []
+    step = _chunk_size(len(bench.gallery))
+    for s in tqdm(range(0, len(qs), step), desc="ranking", disable=not progress or len(qs) <= step):
+        sl = slice(s, s + step)
+        scores = queries[sl].to(device) @ gallery.T
+        exclude = refs[sl] if exclude_reference else None
+        idx = M.top_k(scores, top, exclude).cpu()
+        tops.append(idx)
+        if want_ranks:  # every metric stops at K = 50: ranks within the top 50 are enough
+            ranks.append(M.ranks_in_top(idx, targets[sl]))
+        else:
+            tsets = [set(q.targets) for q in qs[sl]]
+            rel_top.append(torch.tensor([[i >= 0 and bench.gallery[i] in ts for i in row]
+                                         for row, ts in zip(idx.tolist(), tsets, strict=True)], dtype=torch.bool))
+        if has_subset:
+            allowed = M.pad_indices([[pos.get(m, -1) for m in (q.subset or [])] for q in qs[sl]])
+            sub_idx = M.top_k(scores, allowed.shape[1], refs[sl], allowed).cpu()
+            sub_ranks.append(M.ranks_in_top(sub_idx, targets[sl, :1]))
+            sub_tops.append(sub_idx[:, :3])
+
+    def ids(parts: list[torch.Tensor]) -> list[list[str]]:
+        return [[bench.gallery[i] for i in row if i >= 0] for row in torch.cat(parts).tolist()] if parts else []
+
+    return Ranked(
+        ranks=torch.cat(ranks) if ranks else torch.full((len(qs), width), M.INF),
+        n_relevant=torch.tensor([len(q.targets) for q in qs]),
+        top=ids(tops),
+        subset_ranks=torch.cat(sub_ranks) if sub_ranks else None,
+        subset_top=ids(sub_tops) if sub_tops else None,
+        relevant_top=torch.cat(rel_top) if rel_top else None,
+    )
+
+
+# -------------------------------------------------------------------------------- metrics
+def benchmark_metrics(name: str, parts: Sequence[tuple[Benchmark, Ranked]]) -> dict[str, Any]:
+    """The metric dict of a benchmark from its ranked part(s) (several for FashionIQ)."""
+    if not all(b.has_ground_truth for b, _ in parts):
+        return {}
+    if name == "cirr":
+        b, r = parts[0]
+        return M.cirr_metrics(r.ranks, r.subset_ranks[:, 0] if r.subset_ranks is not None else None)
+    if name == "circo":
+        b, r = parts[0]
+        return M.circo_metrics(r.ranks, r.n_relevant, [q.groups for q in b.queries])
+    if name == "fashioniq":
+        return M.fashioniq_metrics({b.subset_name: r.ranks for b, r in parts})
+    if name == "imagenet-r":
+        b, r = parts[0]
+        per: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for d in dict.fromkeys(q.groups[0] for q in b.queries):
+            rows = [i for i, q in enumerate(b.queries) if q.groups[0] == d]
+            per[d] = (r.relevant_top[rows], r.n_relevant[rows])
+        return M.domain_metrics(per)
+    if name == "shapes":
+        b, r = parts[0]
+        return M.any_gt_metrics(r.ranks, r.n_relevant, [q.groups[0] if q.groups else "all" for q in b.queries])
+    raise ValueError(f"unknown benchmark {name!r}")
+
+
+# ----------------------------------------------------------------------------- submissions
+def _circo_id(x: str) -> int | str:
+    return int(x) if x.isdigit() else x
+
+
+def write_submissions(name: str, split: str, method: str, parts: Sequence[tuple[Benchmark, Ranked]],
+                      out_dir: str | Path) -> list[str]:
+    """Test-server files: CIRR {pairid: top-50} + "version"/"metric" (and top-3 "recall_subset"),
+    CIRCO / ShapesCIR {query id: top-50 image ids}. Returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{name}_{split}_{method.replace('+', '_')}"
+    written = []
+    if name == "cirr":
+        b, r = parts[0]
+        rec = {"version": "rc2", "metric": "recall"}
+        rec.update({q.id: top[:SUBMISSION_TOP] for q, top in zip(b.queries, r.top, strict=True)})
+        path = out / f"{stem}_recall.json"
+        path.write_text(json.dumps(rec, sort_keys=True))
+        written.append(str(path))
+        if r.subset_top is not None:
+            sub = {"version": "rc2", "metric": "recall_subset"}
+            sub.update({q.id: top[:3] for q, top in zip(b.queries, r.subset_top, strict=True)})
+            path = out / f"{stem}_recall_subset.json"
+            path.write_text(json.dumps(sub, sort_keys=True))
+            written.append(str(path))
+    elif name in ("circo", "shapes"):
+        b, r = parts[0]
+        conv = _circo_id if name == "circo" else str
+        sub = {q.id: [conv(x) for x in top[:SUBMISSION_TOP]] for q, top in zip(b.queries, r.top, strict=True)}
+        path = out / f"{stem}.json"
+        path.write_text(json.dumps(sub))
+        written.append(str(path))
+    return written
+
+
+# ---------------------------------------------------------------------------------- runner
+def resolve_phi(phi: str | torch.nn.Module | None, backbone: Any) -> tuple[torch.nn.Module | None, str | None]:
+    """(phi module, its name) from a module, "searle" / "searle-xl" / a path, or the backbone's default."""
+    if isinstance(phi, torch.nn.Module):
+        return phi, type(phi).__name__
+    from isearle.phi import load_phi
+    from isearle.service import DEFAULT_PHI
+
+    spec = phi or DEFAULT_PHI.get((backbone.name, backbone.pretrained))
+    if spec is None:
+        return None, None
+    return load_phi(spec, backbone.device), str(spec)
+
+
+def _check_phi(phi: torch.nn.Module, backbone: Any) -> None:
+    cfg = getattr(phi, "config", None)
+    if cfg is not None and (cfg.input_dim, cfg.output_dim) != (backbone.embed_dim, backbone.token_width):
+        raise ValueError(f"phi maps {cfg.input_dim} -> {cfg.output_dim} but {backbone.name} needs "
+                         f"{backbone.embed_dim} -> {backbone.token_width}: use the phi trained for this backbone")
+
+
+def evaluate(
+    backbone: Any,
+    benchmark: str,
+    split: str | None = None,
+    method: str = "phi",
+    phi: str | torch.nn.Module | None = None,
+    *,
+    data: str | Path | None = None,
+    template: str = DEFAULT_TEMPLATE,
+    limit: int | None = None,
+    exclude_reference: bool | None = None,
+    categories: Sequence[str] = FASHIONIQ_CATEGORIES,
+    domains: Sequence[str] = DOMAINS,
+    oti: OTIConfig | None = None,
+    oti_phrases: str | Path | None = None,
+    oti_vocabulary: str = "openimages",
+    cache_dir: str | Path | None = "default",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    submission_dir: str | Path | None = None,
+    preprocess: str = "targetpad",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate `method` on `benchmark`/`split`; returns metrics (percent) + "meta" (+ "submissions").
+
+    `data`: the dataset folder (ShapesCIR: default assets/shapescir). `phi`: a module, "searle",
+    "searle-xl" or a checkpoint path (method phi; for OTI, a warm start). `cache_dir`: where image
+    features and OTI tokens are kept ("default": $ISEARLE_CACHE or ~/.cache/isearle; None: no disk
+    cache). `submission_dir`: write test-server files there (CIRR, CIRCO, ShapesCIR).
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}: use one of {', '.join(BENCHMARKS)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    split = split or DEFAULT_SPLIT[benchmark]
+    exclude = EXCLUDE_REFERENCE[benchmark] if exclude_reference is None else exclude_reference
+    cache_root = default_cache_dir().parent if cache_dir == "default" else (Path(cache_dir) if cache_dir else None)
+    started = time.perf_counter()
+    phi_net, phi_name = (None, None)
+    if method == "phi" or (method == "oti" and phi is not None):
+        phi_net, phi_name = resolve_phi(phi, backbone)
+        if phi_net is None:
+            raise ValueError(f"method 'phi' needs a phi network: pass --phi (searle, searle-xl or a checkpoint); "
+                             f"{backbone.name}/{backbone.pretrained} has no default")
+        _check_phi(phi_net, backbone)
+        phi_net = phi_net.to(backbone.device).eval()
+    oti = oti or OTIConfig()
+    benches = [b.limit(limit) for b in load_benchmarks(benchmark, data, split, categories=categories,
+                                                       domains=domains, image_size=backbone.image_size)]
+    parts: list[tuple[Benchmark, Ranked]] = []
+    for bench in benches:
+        label = f"{benchmark}{'/' + bench.subset_name if bench.subset_name else ''}"
+        cache = FeatureCache.for_backbone(None if cache_root is None else cache_root / "features", backbone,
+                                          bench.cache_namespace, preprocess)
+        ids = bench.image_ids()
+        feats = extract_features_cached(backbone, ids, bench.images, cache, batch_size, num_workers, progress,
+                                        desc=f"{label} images")
+        row = {i: r for r, i in enumerate(ids)}
+        gallery = F.normalize(feats[[row[g] for g in bench.gallery]], dim=-1)
+        ref_ids = list(dict.fromkeys(q.reference for q in bench.queries))
+        ref_index = {r: j for j, r in enumerate(ref_ids)}
+        ref_feats = feats[[row[r] for r in ref_ids]] if ref_ids else torch.empty(0, feats.shape[1])
+        tokens = None
+        if method == "oti" and ref_ids:
+            init = None
+            if phi_net is not None:
+                with torch.inference_mode():
+                    init = phi_net(ref_feats.to(backbone.device)).float().cpu()
+            tokens = oti_tokens(backbone, ref_ids, ref_feats, oti, cache_root=cache_root,
+                                namespace=bench.cache_namespace, preprocess=preprocess,
+                                phrases=Path(oti_phrases) if oti_phrases else None, vocabulary=oti_vocabulary,
+                                init=init, progress=progress)
+        queries = compose_benchmark_queries(backbone, bench, method, ref_feats, ref_index, phi=phi_net,
+                                            pseudo_tokens=tokens, template=template, progress=progress)
+        parts.append((bench, rank_gallery(bench, queries, gallery, exclude, backbone.device, progress=progress)))
+
+    result: dict[str, Any] = benchmark_metrics(benchmark, parts)
+    if submission_dir is None and benchmark in ("cirr", "circo") and not all(b.has_ground_truth for b, _ in parts):
+        submission_dir = Path("submissions")  # a test split: the server files are the only output
+    if submission_dir is not None:
+        result["submissions"] = write_submissions(benchmark, parts[0][0].split, method, parts, submission_dir)
+    result["meta"] = {
+        "benchmark": benchmark, "split": parts[0][0].split, "method": method,
+        "backbone": backbone.name, "pretrained": backbone.pretrained, "preprocess": preprocess,
+        "phi": phi_name, "template": template,
+        "oti": asdict(oti) | {"phrases": str(oti_phrases) if oti_phrases else None} if method == "oti" else None,
+        "n_queries": sum(len(b) for b, _ in parts), "gallery_size": sum(len(b.gallery) for b, _ in parts),
+        "categories": [b.subset_name for b, _ in parts] if benchmark == "fashioniq" else None,
+        "exclude_reference": exclude, "ground_truth": all(b.has_ground_truth for b, _ in parts),
+        "limit": limit, "units": "percent", "ties": "stable (earlier gallery item first)",
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    return result
+
+
+# ------------------------------------------------------------------------------------ table
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "-" if v != v else f"{v:.2f}"  # nan: no query in that group
+    return str(v)
+
+
+def _grid(header: Sequence[str], rows: Sequence[Sequence[Any]], label_column: bool = True) -> list[str]:
+    cells = [list(map(str, header))] + [[_fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+
+    def line(r: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 and label_column else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+
+    return [line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """A plain-text results table: the headline metrics, then one block per breakdown."""
+    meta = result.get("meta", {})
+    head = (f"{TITLES.get(meta.get('benchmark'), meta.get('benchmark'))} {meta.get('split')} | method "
+            f"{meta.get('method')}{' (' + str(meta.get('phi')) + ')' if meta.get('phi') else ''} | "
+            f"{meta.get('backbone')}/{meta.get('pretrained')} | {meta.get('n_queries')} queries, "
+            f"gallery {meta.get('gallery_size')}")
+    lines = [head]
+    flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "meta"}
+    if flat:
+        lines += _grid(list(flat), [list(flat.values())], label_column=False)
+    elif not meta.get("ground_truth", True):
+        lines.append("no ground truth in this split: submit the files below to the test server")
+    for key, value in result.items():
+        if not isinstance(value, dict) or key == "meta" or not value:
+            continue
+        first = next(iter(value.values()))
+        title = {"per_aspect": "mAP@10 per semantic aspect", "per_edit": "mAP@10 per edit type",
+                 "per_category": "per category", "per_domain": "per domain"}.get(key, key)
+        lines.append("")
+        lines.append(title)
+        if isinstance(first, dict):
+            cols = list(first)
+            lines += _grid(["", *cols], [[g, *[m.get(c, "") for c in cols]] for g, m in value.items()])
+        else:
+            lines += _grid(["", "mAP@10"], list(value.items()))
+    for path in result.get("submissions", []):
+        lines.append(f"submission: {path}")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------- CLI
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `isearle eval`."""
+    from isearle.cli import add_backbone_arguments
+
+    add_backbone_arguments(p)
+    p.set_defaults(model=None, pretrained=None)
+    p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="which benchmark")
+    p.add_argument("--split", default=None, help="cirr: val|test1; circo: val|test; fashioniq: val; shapes: val|test "
+                                                 "(default val)")
+    p.add_argument("--method", choices=METHODS, default="phi", help="how the query is built (default phi)")
+    p.add_argument("--phi", default=None, help="searle, searle-xl, or a phi checkpoint (.safetensors or official .pt); "
+                                               "default: the backbone's (official SEARLE for OpenAI B/32 and L/14)")
+    p.add_argument("--data", "--dataset-path", dest="data", type=Path, default=None,
+                   help="dataset folder in its official layout (shapes: default assets/shapescir)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE, help='query prompt with "$" for S* and "{}" for the caption')
+    p.add_argument("--preprocess", choices=["targetpad", "clip"], default="targetpad", help="image preprocessing")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries (per category)")
+    p.add_argument("--categories", nargs="+", choices=FASHIONIQ_CATEGORIES, default=list(FASHIONIQ_CATEGORIES),
+                   help="FashionIQ categories")
+    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="ImageNet-R target domains")
+    p.add_argument("--exclude-reference", choices=["auto", "yes", "no"], default="auto",
+                   help="remove the reference image from the ranking (auto: yes for cirr and shapes)")
+    d = OTIConfig()
+    p.add_argument("--oti-steps", type=int, default=d.steps, help=f"OTI steps per image (paper: {d.steps})")
+    p.add_argument("--oti-batch-size", type=int, default=d.batch_size, help="images inverted together")
+    p.add_argument("--oti-lr", type=float, default=d.lr, help="OTI learning rate")
+    p.add_argument("--oti-gamma", type=float, default=d.gamma, help="iSEARLE noise std (0: SEARLE's OTI)")
+    p.add_argument("--oti-seed", type=int, default=d.seed, help="OTI seed")
+    p.add_argument("--oti-phrases", type=Path, default=None, help="phrase JSON (`isearle phrases`) for OTI's GPT loss")
+    p.add_argument("--oti-vocabulary", default="openimages", help="concept vocabulary for --oti-phrases")
+    p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
+    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="feature / OTI cache root (default $ISEARLE_CACHE or ~/.cache/isearle)")
+    p.add_argument("--no-cache", action="store_true", help="keep nothing on disk")
+    p.add_argument("--json", type=Path, default=None, help="write the results (metrics + meta) to this JSON file")
+    p.add_argument("--submission", type=Path, default=None,
+                   help="folder for test-server files (cirr, circo, shapes); default ./submissions on a test split")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def default_backbone(benchmark: str, phi: str | None, model: str | None,
+                     pretrained: str | None) -> tuple[str, str | None]:
+    """(model, pretrained) when not given: the official phi's backbone, the shapes model, or OpenAI B/32."""
+    from isearle.phi import OFFICIAL
+
+    if model is None:
+        if phi in OFFICIAL:
+            model = OFFICIAL[phi][1]
+        elif phi and Path(phi).with_suffix(".json").is_file():
+            info = json.loads(Path(phi).with_suffix(".json").read_text())
+            model, pretrained = info.get("backbone", "ViT-B-32"), pretrained or info.get("pretrained")
+        else:
+            model = "isearle-shapes" if benchmark == "shapes" else "ViT-B-32"
+    if pretrained is None:
+        pretrained = "isearle-shapes" if model == "isearle-shapes" else "openai"
+    return model, None if str(pretrained).lower() == "none" else pretrained
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """`isearle eval`: evaluate, print the table, write JSON / submission files."""
+    from isearle.backbone import load_backbone
+    from isearle.service import set_threads
+
+    if args.data is None and args.benchmark != "shapes":
+        raise ValueError(f"--data (the {TITLES[args.benchmark]} folder, official layout) is required")
+    set_threads()
+    model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
+    backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
+    oti = OTIConfig(steps=args.oti_steps, batch_size=args.oti_batch_size, lr=args.oti_lr, gamma=args.oti_gamma,
+                    seed=args.oti_seed)
+    exclude = {"auto": None, "yes": True, "no": False}[args.exclude_reference]
+    cache = None if args.no_cache else (args.cache_dir if args.cache_dir is not None else "default")
+    result = evaluate(
+        backbone, args.benchmark, args.split, args.method, args.phi, data=args.data, template=args.template,
+        limit=args.limit, exclude_reference=exclude, categories=args.categories, domains=args.domains, oti=oti,
+        oti_phrases=args.oti_phrases, oti_vocabulary=args.oti_vocabulary, cache_dir=cache,
+        batch_size=args.batch_size, num_workers=args.num_workers, submission_dir=args.submission,
+        preprocess=args.preprocess, progress=not args.quiet,
+    )
+    print(format_table(result))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(_jsonable(result), indent=1))
+        print(f"results: {args.json}")
+    return 0
+
+
+def _jsonable(obj: Any) -> Any:
+    """NaN / inf -> None (strict JSON), recursively."""
+    if isinstance(obj, float):
+        return obj if obj == obj and abs(obj) != float("inf") else None
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj

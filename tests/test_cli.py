@@ -1,0 +1,146 @@
+"""The `isearle` command line: help for every command and option, and an end-to-end run on a folder."""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from isearle.cli import COMMANDS, build_parser, main
+from isearle.oti import load_run
+from isearle.phi import load_phi
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = ("concepts", "phrases", "oti", "train-phi", "query")
+TINY = ["--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu"]
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(actions) == 1
+    return dict(actions[0].choices)
+
+
+def test_python_m_isearle_help():
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, "-m", "isearle", "--help"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: isearle")
+    for name, *_ in COMMANDS:
+        assert name in result.stdout
+
+
+def test_main_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_every_command_is_listed_and_core_commands_load():
+    subs = _subparsers(build_parser())
+    assert list(subs) == [name for name, *_ in COMMANDS]
+    for name in CORE:
+        assert subs[name].get_default("_unavailable") is None, subs[name].get_default("_unavailable")
+        assert subs[name].get_default("_run") is not None
+
+
+@pytest.mark.parametrize("name", [name for name, *_ in COMMANDS])
+def test_subcommand_help_exits_0(name, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([name, "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: isearle {name}")
+
+
+def test_every_option_has_a_help_string():
+    parser = build_parser()
+    missing = []
+    for name, sub in {"": parser, **_subparsers(parser)}.items():
+        for action in sub._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert not missing, f"options without help: {missing}"
+
+
+def test_unavailable_command_reports_instead_of_crashing(capsys):
+    for name, sub in _subparsers(build_parser()).items():
+        reason = sub.get_default("_unavailable")
+        if reason:
+            assert main([name]) == 2
+            assert "unavailable" in capsys.readouterr().err
+
+
+def test_errors_are_one_line_and_exit_1(tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    assert main(["oti", "--model", "no-such-model", "--pretrained", "none", "--images", str(folder),
+                 "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no-such-model" in err
+    assert main(["query", "--caption", "is red", "--gallery", str(tmp_path / "no-gallery")]) == 1
+    assert "isearle index" in capsys.readouterr().err
+
+
+def test_end_to_end_on_an_image_folder(tmp_path, capsys):
+    images = tmp_path / "images"
+    (images / "sub").mkdir(parents=True)
+    colours = ["red", "green", "blue", "yellow", "purple", "orange"]
+    for i, colour in enumerate(colours):
+        folder = images / "sub" if i % 2 else images
+        Image.new("RGB", (40 + 8 * i, 32), colour).save(folder / f"{colour}.png")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["dog", "cat", "car", "tree", "red ball", "house"]), encoding="utf-8")
+    phrases = tmp_path / "phrases.json"
+    out = tmp_path / "oti"
+    phi_path = tmp_path / "phi" / "phi.safetensors"
+
+    assert main(["phrases", "--vocabulary", str(vocab), "--generator", "offline", "--samples", "8",
+                 "--out", str(phrases)]) == 0
+    bank = json.loads(phrases.read_text())
+    assert set(bank) == {"dog", "cat", "car", "tree", "red ball", "house"}
+    assert all(len(v) == 8 for v in bank.values())
+
+    concepts = tmp_path / "concepts.json"
+    assert main(["concepts", *TINY, "--images", str(images), "--vocabulary", str(vocab), "--top-k", "3",
+                 "--out", str(concepts)]) == 0
+    top = json.loads(concepts.read_text())
+    assert len(top) == 6 and all(len(v) == 3 for v in top.values())
+
+    assert main(["oti", *TINY, "--images", str(images), "--vocabulary", str(vocab), "--phrases", str(phrases),
+                 "--steps", "5", "--batch-size", "4", "--out", str(out)]) == 0
+    ids, features, tokens, image_concepts = load_run(out)
+    assert sorted(ids) == sorted(top) and len(ids) == 6
+    assert "sub/green.png" in ids
+    assert features.shape == (6, 64) and tokens.shape == (6, 48)
+    assert torch.isfinite(tokens).all()
+    assert image_concepts is not None and all(len(c) == 6 for c in image_concepts)  # top 150 of 6
+    assert len(list(out.glob("shard_*.safetensors"))) == 2
+    assert json.loads((out / "config.json").read_text())["steps"] == 5
+
+    assert main(["train-phi", *TINY, "--oti", str(out), "--phrases", str(phrases), "--epochs", "2",
+                 "--batch-size", "4", "--out", str(phi_path)]) == 0
+    assert phi_path.is_file() and phi_path.with_suffix(".json").is_file()
+    meta = json.loads(phi_path.with_suffix(".json").read_text())
+    assert meta["backbone"] == "isearle-tiny-test" and meta["train"]["epochs"] == 2
+    assert meta["final_losses"]["gpt"] > 0  # the phrases were used
+    phi = load_phi(phi_path)
+    with torch.no_grad():
+        pred = phi(features)
+    assert pred.shape == (6, 48) and torch.isfinite(pred).all()
+
+    # a second `oti` run over the same folder resumes: nothing is recomputed
+    shards = {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")}
+    assert main(["oti", *TINY, "--images", str(images), "--vocabulary", str(vocab), "--phrases", str(phrases),
+                 "--steps", "5", "--batch-size", "4", "--out", str(out)]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")} == shards
+    capsys.readouterr()

@@ -1,0 +1,150 @@
+"""Concept vocabularies and banks (prompt ensembling, top-k), and the phrase generators and cache."""
+
+import json
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import isearle.concepts
+from isearle.backbone import WeightsUnavailable
+from isearle.concepts import TEMPLATES, ConceptBank, concept_bank, load_vocabulary
+from isearle.oti import replace_concept
+from isearle.phrases import generate_phrases, keep_valid, lm_generator, offline_generator
+
+NAMES = ["dog", "cat", "red car", "Jack-o'-lantern", "tree", "Band-Aid"]
+
+
+# ------------------------------------------------------------------------------- vocabularies
+def test_imagenet_vocabulary_has_1000_distinct_names():
+    names = load_vocabulary("imagenet")
+    assert len(names) == 1000
+    assert len(set(names)) == 1000
+    assert names[0] == "tench" and names[-1] == "toilet paper"
+
+
+def test_text_file_vocabulary(tmp_path):
+    path = tmp_path / "vocab.txt"
+    path.write_text("dog\n  cat  \n\nred car\ndog\n", encoding="utf-8")
+    assert load_vocabulary(str(path)) == ["dog", "cat", "red car"]
+    with pytest.raises(FileNotFoundError, match="vocabulary"):
+        load_vocabulary(str(tmp_path / "missing.txt"))
+
+
+def test_openimages_offline_without_cache_raises():
+    assert not isearle.concepts.CACHE_DIR.exists()  # the autouse fixture's empty cache
+    with pytest.raises(WeightsUnavailable, match="imagenet"):
+        load_vocabulary("openimages")
+
+
+def test_openimages_from_cache():
+    cache = isearle.concepts.CACHE_DIR
+    cache.mkdir(parents=True)
+    (cache / "oidv7-class-descriptions.csv").write_text(
+        "LabelName,DisplayName\n/m/011k07,Tortoise\n/m/0120dh,Sea turtle\n/m/01226z,Football\n/m/x,Tortoise\n",
+        encoding="utf-8")
+    assert load_vocabulary("openimages") == ["Tortoise", "Sea turtle", "Football"]
+
+
+# ------------------------------------------------------------------------------- concept bank
+def test_concept_bank_prompt_ensembling(tiny):
+    assert len(TEMPLATES) == 24
+    bank = ConceptBank.build(tiny, NAMES, progress=False)
+    assert bank.names == NAMES
+    assert bank.features.shape == (len(NAMES), tiny.embed_dim)
+    assert torch.allclose(bank.features.norm(dim=-1), torch.ones(len(NAMES)), atol=1e-5)
+    # the ensemble by hand for one concept: normalise each template's feature, average, renormalise
+    with torch.no_grad():
+        each = F.normalize(tiny.encode_texts([t.format("red car") for t in TEMPLATES]), dim=-1)
+    manual = F.normalize(each.mean(dim=0), dim=-1)
+    assert float((bank.features[2] - manual).abs().max()) <= 1e-5
+    # chunking does not change the result
+    small = ConceptBank.build(tiny, NAMES, batch_size=4, progress=False)
+    assert float((small.features - bank.features).abs().max()) <= 1e-5
+
+
+def test_concept_bank_topk_ranks_the_matching_concept_first(tiny):
+    bank = ConceptBank.build(tiny, NAMES, progress=False)
+    image = 7.0 * bank.features  # un-normalised image features equal to each concept's feature
+    scores, idx = bank.topk(image, k=3)
+    assert scores.shape == idx.shape == (len(NAMES), 3)
+    assert idx[:, 0].tolist() == list(range(len(NAMES)))
+    assert torch.allclose(scores[:, 0], torch.ones(len(NAMES)), atol=1e-5)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    assert [row[0] for row in bank.top_names(image, 2)] == NAMES
+    assert bank.topk(image, k=100)[1].shape == (len(NAMES), len(NAMES))  # k capped at the vocabulary
+
+
+def test_concept_bank_save_load_round_trip(tiny, tmp_path):
+    bank = ConceptBank.build(tiny, NAMES, progress=False)
+    bank.save(tmp_path / "bank.safetensors")
+    loaded = ConceptBank.load(tmp_path / "bank.safetensors")
+    assert loaded.names == NAMES
+    assert torch.equal(loaded.features, bank.features)
+    with pytest.raises(ValueError):
+        ConceptBank(NAMES[:2], bank.features)
+
+
+def test_concept_bank_is_cached_on_disk(tiny, tmp_path, monkeypatch):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(NAMES), encoding="utf-8")
+    first = concept_bank(tiny, str(vocab), cache_dir=tmp_path / "banks", progress=False)
+    assert len(list((tmp_path / "banks").glob("*.safetensors"))) == 1
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("the cached bank must be loaded, not rebuilt")
+
+    monkeypatch.setattr(ConceptBank, "build", no_build)
+    second = concept_bank(tiny, str(vocab), cache_dir=tmp_path / "banks", progress=False)
+    assert second.names == first.names and torch.equal(second.features, first.features)
+
+
+# ------------------------------------------------------------------------------------ phrases
+def test_keep_valid_drops_phrases_that_lose_the_concept():
+    phrases = ["a photo of dog that runs", "a photo of a hotdog", "a photo of  dog that runs",
+               "a photo of Dog on grass", "a photo of dogs", "a cat"]
+    assert keep_valid("dog", phrases) == ["a photo of dog that runs", "a photo of Dog on grass"]
+
+
+def test_generate_phrases_drops_and_resumes(tmp_path):
+    calls: list[str] = []
+
+    def generator(concept: str) -> list[str]:
+        calls.append(concept)
+        if concept == "cat":
+            return ["a photo of cat that sleeps", "a photo of a kitten"]  # the second lost "cat"
+        return [f"a photo of {concept} that is small", f"a photo of {concept} that is  small",
+                f"a photo of {concept} on a table"]
+
+    cache = tmp_path / "phrases" / "bank.json"
+    bank = generate_phrases(["dog", "cat"], generator, cache=cache, progress=False)
+    assert calls == ["dog", "cat"]
+    assert bank["dog"] == ["a photo of dog that is small", "a photo of dog on a table"]
+    assert bank["cat"] == []  # dropped: one of its phrases no longer names it
+    assert json.loads(cache.read_text()) == bank
+
+    calls.clear()
+    again = generate_phrases(["dog", "cat", "tree"], generator, cache=cache, progress=False)
+    assert calls == ["tree"]  # dog and cat come from the cache, including the dropped one
+    assert again["dog"] == bank["dog"] and again["cat"] == [] and len(again["tree"]) == 2
+    assert json.loads(cache.read_text()) == again
+
+
+@pytest.mark.parametrize("concept", NAMES)
+def test_offline_generic_phrases_contain_the_concept(concept):
+    phrases = offline_generator("generic", samples=16, seed=0)(concept)
+    assert len(phrases) == 16 and len(set(phrases)) == 16
+    for phrase in phrases:
+        assert phrase.startswith(f"a photo of {concept} that ")
+        assert replace_concept(phrase, concept) is not None
+    assert keep_valid(concept, phrases) == phrases
+    assert offline_generator("generic", samples=16, seed=0)(concept) == phrases  # seeded
+
+
+def test_lm_generator_without_transformers_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # as if not installed
+    from isearle.phrases import LMConfig
+
+    with pytest.raises(RuntimeError, match=r"isearle\[lm\]"):
+        lm_generator(LMConfig())

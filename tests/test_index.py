@@ -1,0 +1,183 @@
+"""GalleryIndex: exact and approximate search, incremental adds, memory-mapped storage, building from images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from isearle.index import BackboneMismatch, GalleryIndex, IndexConfig, build_gallery_index
+
+
+def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def exact_top(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
+    return np.argsort(-(q @ x.T), axis=1, kind="stable")[:, :k]
+
+
+INFO = {"model": "isearle-tiny-test", "pretrained": None}
+
+
+def test_flat_is_exact_with_ids_metadata_and_exclusion():
+    x, q = unit(500, 32), unit(7, 32, seed=1)
+    ids = [f"img{i}" for i in range(500)]
+    index = GalleryIndex.build(x, ids, [{"path": f"/g/{i}.jpg"} for i in range(500)], IndexConfig(kind="flat"), INFO)
+    assert index.kind == "flat" and len(index) == 500 and "img3" in index
+    hits = index.search(q, 10)
+    expected = exact_top(x, q, 10)
+    assert [[i for i, _ in row] for row in hits] == [[ids[j] for j in row] for row in expected]
+    scores = np.array([[s for _, s in row] for row in hits])
+    assert np.allclose(scores, np.take_along_axis(q @ x.T, expected, axis=1), atol=1e-5)
+    # One query as [D] (a torch tensor, not normalised: cosine all the same), the best hit excluded.
+    best = hits[0][0][0]
+    one = index.search(torch.from_numpy(q[0] * 3), 10, exclude_ids=[best, "not-there"])[0]
+    assert [i for i, _ in one] == [i for i, _ in hits[0][1:]] + [ids[exact_top(x, q[:1], 11)[0, 10]]]
+    assert index.metadata["img3"] == {"path": "/g/3.jpg"}
+    assert len(index.search(q[0], 1000)[0]) == 500
+
+
+def test_incremental_adds_equal_one_build_and_refuse_duplicates():
+    x = unit(300, 16)
+    ids = [str(i) for i in range(300)]
+    whole = GalleryIndex.build(x, ids, None, IndexConfig(kind="flat"), INFO)
+    parts = GalleryIndex(16, IndexConfig(kind="flat"), INFO)
+    for s in range(0, 300, 70):
+        parts.add(x[s : s + 70], ids[s : s + 70], {i: {"n": int(i)} for i in ids[s : s + 70]})
+    assert parts.ids == whole.ids and parts.metadata["42"] == {"n": 42}
+    assert np.array_equal(parts.vectors(), whole.vectors())
+    with pytest.raises(ValueError, match="already in the index"):
+        parts.add(x[:1], ["5"])
+    with pytest.raises(ValueError, match="does not match"):
+        parts.add(unit(1, 8), ["new"])
+
+
+def test_auto_switches_to_hnsw_above_the_threshold_and_keeps_recall():
+    x, q = unit(3000, 32), unit(50, 32, seed=1)
+    ids = [f"v{i}" for i in range(3000)]
+    index = GalleryIndex(32, IndexConfig(kind="auto", flat_threshold=1000, hnsw_ef_search=64), INFO)
+    index.add(x[:1000], ids[:1000])
+    assert index.kind == "flat"
+    index.add(x[1000:], ids[1000:])
+    assert index.kind == "hnsw" and len(index) == 3000
+    got = [{i for i, _ in row} for row in index.search(q, 10)]
+    want = [{ids[j] for j in row} for row in exact_top(x, q, 10)]
+    recall = np.mean([len(g & w) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall > 0.9
+    assert index.search(x[2500], 1)[0][0][0] == "v2500"
+
+
+def test_ivfpq_with_refine():
+    x, q = unit(4000, 32), unit(30, 32, seed=1)
+    ids = [str(i) for i in range(4000)]
+    index = GalleryIndex.build(x, ids, None, IndexConfig(kind="ivfpq", pq_m=8, ivf_nprobe=16, refine="Flat"), INFO)
+    assert index.kind == "ivfpq"
+    got = [{i for i, _ in row} for row in index.search(q, 10)]
+    want = [{ids[j] for j in row} for row in exact_top(x, q, 10)]
+    assert np.mean([len(g & w) / 10 for g, w in zip(got, want, strict=True)]) > 0.7
+    index.add(unit(10, 32, seed=5), [f"new{i}" for i in range(10)])
+    assert len(index) == 4010
+    with pytest.raises(ValueError, match="at least 256"):
+        GalleryIndex.build(x[:100], ids[:100], None, IndexConfig(kind="ivfpq", pq_m=8))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_save_mmap_load_add_and_resave(tmp_path, kind):
+    x, q = unit(400, 24), unit(5, 24, seed=1)
+    ids = [f"i{i}" for i in range(400)]
+    meta = [{"path": f"{i}.png", "scene": {"shapes": [{"kind": "circle", "color": "red"}]}} for i in range(400)]
+    index = GalleryIndex.build(x[:300], ids[:300], meta[:300], IndexConfig(kind=kind), INFO)
+    index.save(tmp_path)
+    assert json.loads((tmp_path / "index.json").read_text())["info"]["model"] == "isearle-tiny-test"
+    loaded = GalleryIndex.load(tmp_path, mmap=True)
+    assert loaded.kind == kind and loaded.ids == index.ids and loaded.metadata == index.metadata
+    assert loaded.search(q, 7) == index.search(q, 7)
+    # Adding to a memory-mapped index copies it first (FAISS would abort writing to the map)...
+    loaded.add(x[300:], ids[300:], meta[300:])
+    index.add(x[300:], ids[300:], meta[300:])
+    assert loaded.search(q, 7) == index.search(q, 7)
+    # ...and saving over the mapped files is safe for an index still reading them.
+    reader = GalleryIndex.load(tmp_path, mmap=True)
+    loaded.save(tmp_path)
+    assert len(reader.search(q, 3)[0]) == 3
+    again = GalleryIndex.load(tmp_path, mmap=False)
+    assert len(again) == 400 and again.search(q, 7) == index.search(q, 7)
+
+
+def test_expect_backbone(tmp_path):
+    GalleryIndex.build(unit(10, 8), range(10), None, IndexConfig(kind="flat"),
+                       {"model": "ViT-B-32-quickgelu", "pretrained": "openai"}).save(tmp_path)
+    assert len(GalleryIndex.load(tmp_path, expect_backbone=("ViT-B-32", "openai"))) == 10
+    assert len(GalleryIndex.load(tmp_path, expect_backbone="ViT-B-32-quickgelu")) == 10
+    with pytest.raises(BackboneMismatch, match="ViT-B-32-quickgelu/openai"):
+        GalleryIndex.load(tmp_path, expect_backbone=("ViT-L-14", "openai"))
+    with pytest.raises(BackboneMismatch):
+        GalleryIndex.load(tmp_path, expect_backbone=("ViT-B-32", None))
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    from isearle.backbone import load_backbone
+
+    torch.manual_seed(0)
+    return load_backbone("isearle-tiny-test", None, "cpu")
+
+
+def test_build_gallery_index_from_paths_pil_and_callables(backbone, tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    triples = []
+    for i in range(9):
+        image = Image.fromarray(rng.integers(0, 256, (20 + i, 30, 3), dtype=np.uint8))
+        if i % 3 == 0:
+            image.save(folder / f"{i}.png")
+            triples.append((f"p{i}", folder / f"{i}.png", None))
+        elif i % 3 == 1:
+            triples.append((f"m{i}", image, {"note": "in memory"}))
+        else:
+            triples.append((f"c{i}", lambda image=image: image, {"scene": {"seed": i}}))
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    triples.append(("bad", folder / "bad.png", None))
+    index = build_gallery_index(backbone, triples, batch_size=4, num_workers=0, progress=False,
+                                thumbnails=tmp_path / "gallery")
+    assert index.ids == [t[0] for t in triples[:-1]] and index.info["skipped"] == ["bad"]
+    assert index.info["model"] == "isearle-tiny-test" and index.dim == backbone.embed_dim
+    assert index.metadata["p0"]["path"] == str(folder / "0.png")
+    assert (tmp_path / "gallery" / index.metadata["c2"]["thumbnail"]).is_file()
+    # The stored vectors are the normalised image features, and each image finds itself.
+    feats = torch.nn.functional.normalize(backbone.encode_pil([Image.open(folder / "3.png").convert("RGB")]), dim=-1)
+    assert np.allclose(index.vectors()[3], feats[0].numpy(), atol=1e-5)
+    assert index.search(feats, 1)[0][0][0] == "p3"
+    # DataLoader workers give the same index.
+    workers = build_gallery_index(backbone, triples, batch_size=4, num_workers=2, progress=False)
+    assert workers.ids == index.ids and np.array_equal(workers.vectors(), index.vectors())
+    with pytest.raises(BackboneMismatch):
+        build_gallery_index(backbone, triples[:1], index=GalleryIndex(backbone.embed_dim, info={"model": "other"}))
+
+
+def test_cli_index_then_query_service(tmp_path):
+    from isearle.cli import main
+    from isearle.service import load_service
+
+    folder = tmp_path / "images" / "sub"
+    folder.mkdir(parents=True)
+    for i, color in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (40, 30), color).save(folder / f"{color}.jpg")
+    out = tmp_path / "gallery"
+    args = ["index", "--images", str(tmp_path / "images"), "--model", "isearle-tiny-test", "--pretrained", "none",
+            "--out", str(out), "--num-workers", "0", "--batch-size", "3"]
+    assert main(args) == 0
+    assert main([*args, "--append"]) == 1  # the same ids again: refused, the saved index is unchanged
+    service = load_service(out)
+    assert len(service.index) == 4 and service.index.ids[0] == "sub/blue.jpg"
+    hits = service.retriever.query(Image.open(folder / "red.jpg"), "is blue", k=2, method="image")
+    assert hits[0].id == "sub/red.jpg" and hits[0].metadata["path"].endswith("red.jpg")
+    hits = service.retriever.query(Image.open(folder / "red.jpg"), "is blue", k=3, method="image+text",
+                                   exclude=["sub/red.jpg"])
+    assert len(hits) == 3 and "sub/red.jpg" not in [h.id for h in hits]
