@@ -51,15 +51,21 @@ def guarded(fn):
     return wrapper
 
 
-class ReferenceImage(gr.Image):
-    """gr.Image that passes the uploaded file on unopened: `isearle.images` checks it and says what is wrong."""
+def pass_file_through(image: gr.Image) -> gr.Image:
+    """Hand uploads to the handler unopened: `isearle.images` checks them and says what is wrong.
 
-    is_template = True  # rendered by the frontend's Image component
+    gr.Image would open the file with PIL first and fail with a generic error. (An instance override,
+    not a subclass: Gradio writes a .pyi stub next to any module that subclasses a component.)
+    """
+    original = image.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path:
             return str(payload.path)
-        return super().preprocess(payload)
+        return original(payload)
+
+    image.preprocess = preprocess
+    return image
 
 
 def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
@@ -69,6 +75,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
     methods = [(D.METHOD_LABELS["phi"], "phi"), (D.METHOD_LABELS["oti"], "oti")] if has_phi else \
         [(D.METHOD_LABELS["oti"], "oti")]
     choices = [(engine.label(key), key) for key in engine.entries]
+    examples = engine.example_paths()  # (image, caption, label): benchmark references, else gallery items
 
     def gallery(items):
         return [(it.image, it.caption) for it in items]
@@ -88,6 +95,11 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         return (ex.tokens_chart, ex.concepts_chart, gallery(ex.image_only), gallery(ex.text_only), ex.summary,
                 [it.id for it in ex.image_only], [it.id for it in ex.text_only])
 
+    def refresh_panel(reference, caption, method, steps, backbone, trained_only):
+        if not reference or not D.clean_caption(caption):
+            return [gr.skip()] * 7
+        return explain(reference, caption, method, steps, backbone, trained_only)
+
     @guarded
     def use_as_reference(backbone, ids, evt: gr.SelectData):
         if not ids or evt.index is None or evt.index >= len(ids):
@@ -95,6 +107,10 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         path, _ = engine.reference_image(backbone, ids[evt.index])
         gr.Info(f"gallery item {ids[evt.index]} is the new reference: type a caption and search")
         return path
+
+    def pick_example(index):
+        path, text, _ = examples[index]
+        return path, text
 
     @guarded
     def choose_backbone(backbone, progress=gr.Progress()):  # noqa: B008 (Gradio idiom)
@@ -110,16 +126,21 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
 
     with gr.Blocks(title="isearle: composed image retrieval") as demo:
         gr.Markdown(
-            "# 🔎 isearle — zero-shot composed image retrieval\n"
+            "# isearle — zero-shot composed image retrieval\n"
             "Give a **reference image** and a **relative caption**. The image is inverted into a pseudo-word "
             "**S\\*** (by the network *phi*, or by optimisation *OTI*), and “a photo of S\\* that ⟨caption⟩” "
             "is searched with CLIP's text encoder (iSEARLE / SEARLE). Click any result to use it as the "
             "next reference and chain edits.")
         ids_results, ids_image, ids_text = gr.State([]), gr.State([]), gr.State([])
+        example_set = gr.Dataset(components=["image"], samples=[[path] for path, _, _ in examples], type="index",
+                                 layout="gallery", samples_per_page=12, visible=bool(examples), elem_id="examples",
+                                 label="Examples · click a reference: its caption comes with it "
+                                       "(ShapesCIR val: ground truths get ✓)")
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
-                reference = ReferenceImage(label="Reference image", type="filepath", format="png", height=260,
-                                           sources=["upload", "clipboard"], elem_id="reference")
+                reference = pass_file_through(gr.Image(
+                    label="Reference image", type="filepath", format="png", height=260,
+                    sources=["upload", "clipboard"], elem_id="reference"))
                 caption = gr.Textbox(label="Relative caption", placeholder="e.g. is blue instead", lines=1,
                                      max_length=D.MAX_CAPTION_CHARS, elem_id="caption")
                 run = gr.Button("Search", variant="primary", elem_id="search")
@@ -131,45 +152,46 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
                     steps = gr.Slider(10, 600, value=args.oti_steps, step=10, label="OTI steps")
                     top_k = gr.Slider(1, 50, value=10, step=1, label="Top K")
             with gr.Column(scale=5):
-                status = gr.Markdown("Pick an example below or upload a reference image.", elem_id="status")
+                status = gr.Markdown("Pick an example above or upload a reference image.", label="status",
+                                     elem_id="status")
                 results = gr.Gallery(label="Results · click one to use it as the reference", columns=5,
                                      height="auto", allow_preview=False, object_fit="contain",
                                      elem_id="results", elem_classes=["isearle-results"])
                 with gr.Accordion("Raw results (JSON)", open=False):
                     raw = gr.JSON(label="hits")
-        examples = engine.example_paths()
-        if examples:
-            gr.Examples([list(e) for e in examples], inputs=[reference, caption], examples_per_page=12,
-                        label="ShapesCIR references with their captions (ground truths are marked ✓)")
         gr.Markdown("## Inside the query: the pseudo-word S\\*")
         with gr.Row():
-            tokens_chart = gr.Image(label="Nearest vocabulary tokens of S*", type="pil", format="png",
-                                    interactive=False, elem_id="tokens-chart")
-            concepts_chart = gr.Image(label="Nearest concepts", type="pil", format="png", interactive=False,
-                                      elem_id="concepts-chart")
+            tokens_chart = gr.Image(label="Nearest vocabulary tokens of S*", show_label=False, type="pil",
+                                    format="png", interactive=False, elem_id="tokens-chart")
+            concepts_chart = gr.Image(label="Nearest concepts", show_label=False, type="pil", format="png",
+                                      interactive=False, elem_id="concepts-chart")
         with gr.Row():
             trained_only = gr.Checkbox(value=True, label="only tokens the model was trained on",
                                        info="a small model's untouched embedding rows crowd the list otherwise",
                                        visible=default.trained is not None)
-            panel = gr.Markdown(elem_id="panel")
+            panel = gr.Markdown(label="summary", elem_id="panel")
         gr.Markdown("### Why composition matters: one modality alone")
         with gr.Row():
-            image_only = gr.Gallery(label="Image only (the reference's nearest images)", columns=6, height="auto",
+            image_only = gr.Gallery(label="Image only (the reference's nearest images)", columns=3, height="auto",
                                     allow_preview=False, elem_id="image-only")
-            text_only = gr.Gallery(label="Text only (the caption alone)", columns=6, height="auto",
+            text_only = gr.Gallery(label="Text only (the caption alone)", columns=3, height="auto",
                                    allow_preview=False, elem_id="text-only")
 
         query_inputs = [reference, caption, top_k, method, steps, backbone]
         panel_inputs = [reference, caption, method, steps, backbone, trained_only]
         panel_outputs = [tokens_chart, concepts_chart, image_only, text_only, panel, ids_image, ids_text]
-        for trigger in (run.click, caption.submit):
-            trigger(search, query_inputs, [results, status, raw, ids_results], api_name="search"
-                    if trigger == run.click else False).success(
-                explain, panel_inputs, panel_outputs, api_name="explain" if trigger == run.click else False)
-        trained_only.change(explain, panel_inputs, panel_outputs, api_name=False)
+        gr.on([run.click, caption.submit], search, query_inputs, [results, status, raw, ids_results],
+              api_name="search").success(explain, panel_inputs, panel_outputs, api_name="explain")
+        trained_only.change(refresh_panel, panel_inputs, panel_outputs, api_name=False)
         for shown, ids in ((results, ids_results), (image_only, ids_image), (text_only, ids_text)):
             shown.select(use_as_reference, [backbone, ids], [reference], api_name=False)
-        backbone.change(choose_backbone, [backbone], [method, trained_only, status], api_name="choose_backbone")
+        example_set.click(pick_example, [example_set], [reference, caption], api_name=False)
+        backbone.change(choose_backbone, [backbone], [method, trained_only, status], api_name=False)
+
+        @gr.api(api_name="info")
+        def info(backbone: str | None = None) -> dict:
+            """Backbone choices, and the methods and gallery of one (default: the first)."""
+            return guarded(engine.info)(backbone)
     return demo
 
 
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="isearle demo (Gradio). Every flag also reads its ISEARLE_* variable.")
     D.add_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
     threads = set_threads()
     try:
         engine = D.DemoEngine.start(args, warm=not args.no_warmup)

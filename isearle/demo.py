@@ -238,11 +238,22 @@ def world_token_ids(tokenizer: Any, n_captions: int = 3000, seed: int = 0) -> fr
     """
     import random
 
-    from isearle.shapes.world import caption, random_scene, vocabulary
+    from isearle.shapes.world import (
+        EDIT_TYPES,
+        caption,
+        edit_scene,
+        random_scene,
+        relative_caption,
+        vocabulary,
+    )
 
     rng = random.Random(seed)
     texts = list(_world_strings()) + vocabulary()
     texts += [caption(random_scene(rng), rng, (1, 1, 1, 1)) for _ in range(n_captions)]
+    for i in range(n_captions // 2):  # every edit, stated both ways: the rarer clause forms
+        ref = random_scene(rng, n_objects=1 + i % 2)
+        _, changes = edit_scene(ref, EDIT_TYPES[i % len(EDIT_TYPES)], rng)
+        texts.append(relative_caption(ref, changes, rng, imperative=bool(i // len(EDIT_TYPES) % 2)))
     ids: set[int] = set()
     for text in texts:
         ids.update(tokenizer.encode(text))
@@ -533,6 +544,30 @@ def build_shapes_gallery(out_dir: str | Path, backbone: Backbone, specs: dict[st
     return index.save(out_dir)
 
 
+def build_test_world(out_dir: str | Path, n: int = 300, seed: int = 7) -> dict[str, Path]:
+    """A random-init stand-in for the offline world (tests, development before the weights exist).
+
+    The tiny test CLIP is saved as a checkpoint so that every process loads the same weights; the
+    gallery holds `n` random scenes with benchmark-style ids, and phi is random too.
+    """
+    from isearle.phi import Phi, save_phi
+    from isearle.shapes.benchmark import compact
+    from isearle.shapes.world import scene_specs
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "tiny-test.pt"
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        backbone = load_backbone("isearle-tiny-test", None, "cpu")
+        phi = Phi.for_backbone(backbone.embed_dim, backbone.token_width).eval()
+    torch.save(backbone.model.state_dict(), checkpoint)
+    backbone = load_backbone("isearle-tiny-test", str(checkpoint), "cpu")
+    specs = {f"{i:06d}": compact(s) for i, s in enumerate(scene_specs(n, seed))}
+    gallery = build_shapes_gallery(out / "gallery", backbone, specs=specs, progress=False)
+    return {"gallery": gallery, "phi": save_phi(phi, out / "phi.safetensors"), "checkpoint": checkpoint}
+
+
 def _build_hub_gallery(entry: GalleryEntry, backbone: Backbone, progress: bool = True) -> None:
     """Embed the entry's image folder or Hugging Face dataset into `entry.directory` (what `isearle index` does)."""
     from isearle.index import build_gallery_index, folder_items, hf_items
@@ -783,8 +818,8 @@ class DemoEngine:
         self.example_paths()
         return loaded
 
-    def example_paths(self) -> list[tuple[str, str]]:
-        """(display image path, caption) per example reference, registered as known gallery items.
+    def example_paths(self) -> list[tuple[str, str, str]]:
+        """(display image path, caption, short label) per example reference, registered as gallery items.
 
         Without an examples file: the first gallery items of the default entry, with example captions.
         """
@@ -792,7 +827,7 @@ class DemoEngine:
             loaded = self.load()
             ids = loaded.service.index.ids[:8]
             caps = self.captions(self.default_key)
-            return [(self.reference_image(self.default_key, i)[0], caps[n % len(caps)]) for n, i in enumerate(ids)]
+            return [(self.reference_image(self.default_key, i)[0], caps[n % len(caps)], i) for n, i in enumerate(ids)]
         out = []
         for ex in self.examples.references:
             if ex.spec is None:
@@ -800,7 +835,7 @@ class DemoEngine:
             image = render_spec(ex.spec, REFERENCE_SIZE)
             path = self.thumbs.save(image, f"example-{_slug(ex.reference_id)}")
             self.known.put(image_key(image), ("*benchmark*", ex.reference_id))
-            out.append((path, ex.caption))
+            out.append((path, ex.caption, ex.edit_type or ex.reference_id))
         return out
 
     # ------------------------------------------------------------------------- references
@@ -913,6 +948,16 @@ class DemoEngine:
                    f"(median token norm {loaded.table.median_norm:.2f})")
         return Explanation(tokens_chart, concepts_chart, tokens, concepts, image_only, text_only, summary)
 
+    def info(self, key: str | None = None) -> dict[str, Any]:
+        """What a backbone choice offers (the app's /info endpoint for API users)."""
+        key = key or self.default_key
+        loaded = self.load(key)
+        return {"backbone": key, "label": self.label(key), "backbones": list(self.entries),
+                "methods": (["phi"] if loaded.service.phi is not None else []) + ["oti"],
+                "phi": loaded.service.phi_name, "gallery_size": len(loaded.service.index),
+                "context_length": loaded.backbone.context_length, "benchmark": loaded.benchmark,
+                "trained_vocabulary": loaded.trained is not None}
+
     def captions(self, key: str | None = None) -> list[str]:
         """Example captions suited to the entry's world."""
         if self.examples and self.examples.captions and (key is None or self.load(key).shapes):
@@ -955,6 +1000,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--hf-dataset", "ISEARLE_HF_DATASET", None, "Hugging Face dataset to index with --model (cached likewise)"),
     Setting("--hf-split", "ISEARLE_HF_SPLIT", "train", "dataset split for --hf-dataset"),
     Setting("--hf-limit", "ISEARLE_HF_LIMIT", None, "index only the first N images of the folder or dataset", int),
+    Setting("--hub-cache", "ISEARLE_HUB_CACHE", "gallery_index",
+            "where galleries built from --images / --hf-dataset are kept (on a Space: /data/... for persistence)"),
     Setting("--model", "ISEARLE_MODEL", "ViT-B-32", "open_clip backbone for --images / --hf-dataset"),
     Setting("--pretrained", "ISEARLE_PRETRAINED", "openai", "its pretrained tag or a local checkpoint"),
     Setting("--phi", "ISEARLE_PHI", None,
@@ -999,7 +1046,7 @@ def entries_from_args(args: argparse.Namespace) -> list[GalleryEntry]:
     entries: list[GalleryEntry] = []
     galleries = [Path(g.strip()) for g in str(args.gallery or "").split(",") if g.strip()]
     if args.images or args.hf_dataset:
-        root = galleries[0] if galleries else Path("gallery_index")
+        root = Path(getattr(args, "hub_cache", None) or "gallery_index")
         source = str(args.images or args.hf_dataset)
         entries.append(GalleryEntry(hub_gallery_dir(root, args.model, args.pretrained, source, args.hf_limit),
                                     model=args.model, pretrained=args.pretrained, phi=args.phi,

@@ -130,9 +130,11 @@ def compose_benchmark_queries(backbone: Any, bench: Benchmark, method: str, ref_
 def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config: OTIConfig, *,
                cache_root: Path | None, namespace: str, preprocess: str = "targetpad",
                phrases: Path | None = None, vocabulary: str = "openimages", init: torch.Tensor | None = None,
-               progress: bool = True) -> torch.Tensor:
+               init_tag: str | None = None, progress: bool = True) -> torch.Tensor:
     """OTI pseudo-tokens [R, W] of the reference images, resumable and cached under
-    ``{cache_root}/oti/{backbone}/{namespace}/{config hash}`` (a temp folder when `cache_root` is None)."""
+    ``{cache_root}/oti/{backbone}/{namespace}/{config hash}`` (a temp folder when `cache_root` is None).
+
+    `init` warm-starts OTI (e.g. from phi); `init_tag` names it in the cache key."""
     from isearle.oti import invert_dataset, phrase_tasks
 
     tasks = None
@@ -145,7 +147,8 @@ def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config
         names = concepts.top_names(features, config.top_k_concepts)
         tasks = phrase_tasks(names, bank, config.top_k_concepts)
         phrase_id = [str(Path(phrases).resolve()), Path(phrases).stat().st_mtime_ns, vocabulary]
-    ident = json.dumps([asdict(config), list(ids), phrase_id, init is not None], sort_keys=True, default=str)
+    ident = json.dumps([asdict(config), list(ids), phrase_id, init_tag if init is not None else None],
+                       sort_keys=True, default=str)
     digest = hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
     if cache_root is None:
         with tempfile.TemporaryDirectory() as tmp:
@@ -362,7 +365,7 @@ def evaluate(
             tokens = oti_tokens(backbone, ref_ids, ref_feats, oti, cache_root=cache_root,
                                 namespace=bench.cache_namespace, preprocess=preprocess,
                                 phrases=Path(oti_phrases) if oti_phrases else None, vocabulary=oti_vocabulary,
-                                init=init, progress=progress)
+                                init=init, init_tag=phi_name, progress=progress)
         queries = compose_benchmark_queries(backbone, bench, method, ref_feats, ref_index, phi=phi_net,
                                             pseudo_tokens=tokens, template=template, progress=progress)
         parts.append((bench, rank_gallery(bench, queries, gallery, exclude, backbone.device, progress=progress)))
@@ -495,14 +498,28 @@ def default_backbone(benchmark: str, phi: str | None, model: str | None,
     return model, None if str(pretrained).lower() == "none" else pretrained
 
 
+def _limit_threads() -> None:
+    """torch threads = the CPU quota (`service.set_threads`); faiss, unused here, keeps its setting."""
+    from isearle.service import set_threads
+
+    try:
+        import faiss
+
+        faiss_threads = faiss.omp_get_max_threads()
+    except ImportError:
+        faiss = None
+    set_threads()
+    if faiss is not None:
+        faiss.omp_set_num_threads(faiss_threads)
+
+
 def eval_main(args: argparse.Namespace) -> int:
     """`isearle eval`: evaluate, print the table, write JSON / submission files."""
     from isearle.backbone import load_backbone
-    from isearle.service import set_threads
 
     if args.data is None and args.benchmark != "shapes":
         raise ValueError(f"--data (the {TITLES[args.benchmark]} folder, official layout) is required")
-    set_threads()
+    _limit_threads()
     model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
     backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
     oti = OTIConfig(steps=args.oti_steps, batch_size=args.oti_batch_size, lr=args.oti_lr, gamma=args.oti_gamma,

@@ -135,9 +135,9 @@ class GalleryIndex:
               metadata: Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]] | None = None,
               config: IndexConfig | None = None, info: Mapping[str, Any] | None = None) -> GalleryIndex:
         """An index over `features` [N, D] (normalised on the way in) with ids and metadata."""
-        x = _as_matrix(features)
-        index = cls(x.shape[1], config, info)
-        index.add(x, ids, metadata)
+        dim = features.shape[-1]
+        index = cls(dim, config, info)
+        index.add(features, ids, metadata)
         return index
 
     def _new_flat(self) -> faiss.Index:
@@ -159,6 +159,9 @@ class GalleryIndex:
         nlist = max(1, min(nlist, n // 39))
         spec = f"IVF{nlist},PQ{cfg.pq_m}" + (f",Refine({cfg.refine})" if cfg.refine else "")
         inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        # The factory turns on polysemous training (a Hamming-filter codebook reordering, ~10x the
+        # training time) that only pays off with polysemous search, which is not used here.
+        faiss.downcast_index(faiss.extract_index_ivf(inner)).do_polysemous_training = False
         sample = train
         if n > 256 * nlist:  # FAISS would subsample anyway; do it reproducibly
             sample = train[np.random.default_rng(0).choice(n, 256 * nlist, replace=False)]
@@ -572,7 +575,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ef-search", type=int, default=d.hnsw_ef_search, help="HNSW efSearch")
     p.add_argument("--nprobe", type=int, default=d.ivf_nprobe, help="IVF lists probed per query")
     p.add_argument("--thumbnails", action="store_true",
-                   help="store JPEG thumbnails for images without a file (default for --hf-dataset and --shapes)")
+                   help="store JPEG thumbnails of images without a file (always for --hf-dataset; shapes scenes keep their spec)")
     p.add_argument("--ray", action="store_true", help="embed on Ray Data (local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001 or auto)")
     p.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
@@ -585,9 +588,11 @@ def _shapes_items(n: int, seed: int, size: int) -> list[tuple[str, Any, dict]]:
     out = []
     for i, item in zip(ids, items, strict=True):
         meta: dict[str, Any] = {"scene_seed": seed}
-        spec = getattr(item, "spec", None)
-        if spec is not None:
-            meta["scene"] = spec if isinstance(spec, (dict, list, str, int, float)) else repr(spec)
+        # scene_source gives functools.partial(render_dict, spec_dict, size): keep the spec, so that
+        # the demo re-renders the scene at any size instead of storing a thumbnail.
+        args = getattr(item, "args", ())
+        if args and isinstance(args[0], dict):
+            meta["scene"] = args[0]
         out.append((str(i), item, meta))
     return out
 
@@ -611,7 +616,7 @@ def index_main(args: argparse.Namespace) -> int:
     index = None
     if args.append and (args.out / INFO_FILE).is_file():
         index = GalleryIndex.load(args.out, mmap=False, expect_backbone=backbone)
-    thumbs = args.out if (args.thumbnails or args.images is None) else None
+    thumbs = args.out if (args.thumbnails or args.hf_dataset is not None) else None
     if args.ray:
         from isearle.scale import ray_build_gallery_index
 

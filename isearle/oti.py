@@ -287,7 +287,13 @@ def invert_images(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     feat_path = out / "features.safetensors"
-    if feat_path.is_file():
+    if feat_path.is_file():  # resuming: the stored features must be of the same images
+        from safetensors import safe_open
+
+        with safe_open(str(feat_path), "pt") as f:
+            stored = json.loads(f.metadata()["ids"])
+        if stored != list(ids):
+            raise ValueError(f"{out} holds an OTI run over other images: use a new --out folder")
         features = load_file(str(feat_path))["features"]
     else:
         features = extract_features(backbone, items, batch_size=batch_size, progress=progress)

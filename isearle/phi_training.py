@@ -79,7 +79,7 @@ def similar_batches(features: torch.Tensor, batch_size: int, rng: np.random.Gene
     n = features.shape[0]
     k = max(1, n // batch_size)
     x = F.normalize(features.float(), dim=-1).numpy().astype("float32")
-    km = faiss.Kmeans(x.shape[1], k, niter=10, seed=int(rng.integers(2**31)), verbose=False)
+    km = faiss.Kmeans(x.shape[1], k, niter=20, nredo=3, seed=int(rng.integers(2**31)), verbose=False)
     km.train(x)
     _, assign = km.index.search(x, 1)
     order = np.lexsort((rng.random(n), assign[:, 0]))

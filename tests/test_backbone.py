@@ -33,6 +33,14 @@ def empty_hub_cache(tmp_path, monkeypatch):
     return calls
 
 
+
+def test_hub_client_is_offline_for_the_whole_session():
+    """conftest sets HF_HUB_OFFLINE before huggingface_hub is imported (it reads it once)."""
+    from huggingface_hub import constants
+
+    assert constants.HF_HUB_OFFLINE
+    assert isearle.backbone.hub_offline()
+
 def test_openai_weights_offline_fail_fast_and_map_to_quickgelu(empty_hub_cache):
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailable) as info:

@@ -75,7 +75,7 @@ def test_auto_switches_to_hnsw_above_the_threshold_and_keeps_recall():
 def test_ivfpq_with_refine():
     x, q = unit(4000, 32), unit(30, 32, seed=1)
     ids = [str(i) for i in range(4000)]
-    index = GalleryIndex.build(x, ids, None, IndexConfig(kind="ivfpq", pq_m=8, ivf_nprobe=16, refine="Flat"), INFO)
+    index = GalleryIndex.build(x, ids, None, IndexConfig(kind="ivfpq", pq_m=8, ivf_nprobe=40, refine="Flat", refine_k_factor=8), INFO)
     assert index.kind == "ivfpq"
     got = [{i for i, _ in row} for row in index.search(q, 10)]
     want = [{ids[j] for j in row} for row in exact_top(x, q, 10)]
@@ -120,15 +120,8 @@ def test_expect_backbone(tmp_path):
         GalleryIndex.load(tmp_path, expect_backbone=("ViT-B-32", None))
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    from isearle.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone("isearle-tiny-test", None, "cpu")
-
-
-def test_build_gallery_index_from_paths_pil_and_callables(backbone, tmp_path):
+def test_build_gallery_index_from_paths_pil_and_callables(tiny, tmp_path):
+    backbone = tiny
     rng = np.random.default_rng(0)
     folder = tmp_path / "images"
     folder.mkdir()
@@ -167,7 +160,7 @@ def test_cli_index_then_query_service(tmp_path):
 
     folder = tmp_path / "images" / "sub"
     folder.mkdir(parents=True)
-    for i, color in enumerate(["red", "green", "blue", "white"]):
+    for color in ["red", "green", "blue", "white"]:
         Image.new("RGB", (40, 30), color).save(folder / f"{color}.jpg")
     out = tmp_path / "gallery"
     args = ["index", "--images", str(tmp_path / "images"), "--model", "isearle-tiny-test", "--pretrained", "none",
@@ -181,3 +174,14 @@ def test_cli_index_then_query_service(tmp_path):
     hits = service.retriever.query(Image.open(folder / "red.jpg"), "is blue", k=3, method="image+text",
                                    exclude=["sub/red.jpg"])
     assert len(hits) == 3 and "sub/red.jpg" not in [h.id for h in hits]
+
+
+def test_cli_index_shapes_keeps_scene_specs(tmp_path):
+    from isearle.cli import main
+
+    out = tmp_path / "shapes"
+    assert main(["index", "--shapes", "5", "--model", "isearle-tiny-test", "--pretrained", "none",
+                 "--out", str(out), "--num-workers", "0"]) == 0
+    index = GalleryIndex.load(out, expect_backbone=("isearle-tiny-test", None))
+    assert len(index) == 5
+    assert all("objects" in index.metadata[i]["scene"] for i in index.ids)

@@ -173,8 +173,8 @@ def test_fused_objective_noise_matches_reference(tiny):
     gen = torch.Generator().manual_seed(0)
     gen.set_state(state)
     noise = torch.randn(4, tiny.embed_dim, generator=gen) * 0.3
-    assert abs(float(fused) - float(_naive_searle_loss(tiny, objective, 2, v, noise))) <= 1e-5
-    assert abs(float(fused) - float(_naive_searle_loss(tiny, objective, 2, v))) > 1e-4  # noise is applied
+    assert abs(fused.item() - _naive_searle_loss(tiny, objective, 2, v, noise).item()) <= 1e-5
+    assert abs(fused.item() - _naive_searle_loss(tiny, objective, 2, v).item()) > 1e-4  # noise is applied
 
 
 def test_objective_without_phrases_is_content_only(tiny):
@@ -183,7 +183,7 @@ def test_objective_without_phrases_is_content_only(tiny):
     assert objective.phrase_targets is None
     assert all(c == -1 for row in objective.phrase_choice for c in row)
     v = torch.nn.Parameter(_features(3, tiny.token_width, seed=1) * 0.05)
-    assert abs(float(objective.loss(1, v)) - float(_naive_searle_loss(tiny, objective, 1, v))) <= 1e-5
+    assert abs(objective.loss(1, v).item() - _naive_searle_loss(tiny, objective, 1, v).item()) <= 1e-5
 
 
 def test_default_config_is_searle():

@@ -123,9 +123,9 @@ def _synthetic(tiny, n=64):
 @pytest.mark.parametrize("hard_negatives", [True, False])
 def test_train_phi_lowers_the_distillation_loss(tiny, hard_negatives, reg_form):
     feats, tokens = _synthetic(tiny)
-    cfg = PhiTrainConfig(epochs=12, batch_size=16, lr=1e-3, hard_negatives=hard_negatives, reg_form=reg_form)
+    cfg = PhiTrainConfig(epochs=6, batch_size=16, lr=2e-3, hard_negatives=hard_negatives, reg_form=reg_form)
     phi, history = train_phi(tiny, feats, tokens, cfg, progress=False)
-    assert len(history) == 12
+    assert len(history) == 6
     first, last = history[0]["distil"], history[-1]["distil"]
     assert last < 0.75 * first, (first, last)
     assert not phi.training
@@ -133,12 +133,14 @@ def test_train_phi_lowers_the_distillation_loss(tiny, hard_negatives, reg_form):
         assert all(h["reg"] == 0.0 for h in history)
     else:
         assert history[0]["reg"] > 0
+    if reg_form == "norm":
+        assert history[-1]["reg"] < history[0]["reg"]  # the penalty pulls tokens to the vocabulary's norm
     with torch.no_grad():
         pred = phi(feats)
     assert pred.shape == tokens.shape
     # phi's tokens now identify their image's OTI token among the others better than chance
     sims = torch.nn.functional.normalize(pred, dim=-1) @ torch.nn.functional.normalize(tokens, dim=-1).T
-    assert (sims.argmax(dim=1) == torch.arange(len(feats))).float().mean() > 0.2
+    assert (sims.argmax(dim=1) == torch.arange(len(feats))).float().mean() > 0.5
 
 
 def test_train_phi_with_gpt_loss(tiny):

@@ -64,16 +64,13 @@ def test_truncated_context_equals_full_context(name, request):
     with torch.no_grad():
         short = encode_tokens(backbone, tokens, truncate=True)
         full = encode_tokens(backbone, tokens, truncate=False)
-        reference = backbone.model.encode_text(tokens)
-        p_short = encode_tokens(backbone, pseudo_ids, pseudo, truncate=True)
+        reference = backbone.model.encode_text(tokens)  # open_clip's own, full context
         p_full = encode_tokens(backbone, pseudo_ids, pseudo, truncate=False)
-        w_short = encode_with_pseudo_tokens(backbone, PROMPTS, pseudo, truncate=True)
-        w_full = encode_with_pseudo_tokens(backbone, PROMPTS, pseudo, truncate=False)
+        p_short = encode_with_pseudo_tokens(backbone, PROMPTS, pseudo, truncate=True)
+    assert short.shape == (3, backbone.embed_dim) and p_short.shape == (len(PROMPTS), backbone.embed_dim)
     assert _max_diff(short, full) <= TOL
     assert _max_diff(full, reference) <= TOL
     assert _max_diff(p_short, p_full) <= TOL
-    assert _max_diff(w_short, w_full) <= TOL
-    assert _max_diff(w_short, p_full) <= TOL
 
 
 def test_mixed_batch_equals_one_by_one(tiny):

@@ -37,12 +37,9 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
-def backbone():
-    from isearle.backbone import load_backbone
-
-    torch.manual_seed(0)
-    return load_backbone("isearle-tiny-test", None, "cpu")
+@pytest.fixture
+def backbone(tiny):
+    return tiny  # random init: the actors get its weights through the object store
 
 
 @pytest.fixture(scope="module")

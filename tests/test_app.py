@@ -1,0 +1,210 @@
+"""The demo end to end: `python app.py` on a localhost port, driven through gradio_client.
+
+The app serves the offline shapes world when its weights and gallery are in the checkout, else a
+random-init stand-in built here (same code paths, same endpoints). Timings are not tested.
+"""
+
+import io
+import os
+import struct
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from isearle import demo as D
+from isearle.backbone import REPO_DIR
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+REAL_WORLD = (REPO_DIR / "gallery_index" / "index.json").is_file() and (
+    REPO_DIR / "assets" / "models" / "isearle-shapes.safetensors").is_file()
+
+
+def app_arguments(tmp: Path) -> list[str]:
+    """No arguments for the real offline world (what `python app.py` serves), else the stand-in's."""
+    if REAL_WORLD:
+        return []
+    world = D.build_test_world(tmp / "world")
+    return ["--gallery", str(world["gallery"]), "--phi", str(world["phi"])]
+
+
+def app_environment(tmp: Path) -> dict[str, str]:
+    """Offline, and every cache (concept banks, thumbnails, Gradio uploads) under `tmp`."""
+    return {"HF_HUB_OFFLINE": "1", "ISEARLE_CACHE": str(tmp / "cache"), "TMPDIR": str(tmp),
+            "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    with D.AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(app):
+    return Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
+
+
+@pytest.fixture(scope="module")
+def method(client):
+    """phi when the served backbone has one, else OTI (with few steps, see `STEPS`)."""
+    return client.predict(api_name="/info")["methods"][0]
+
+
+STEPS = 10
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Reference files, good and bad."""
+    d = tmp_path_factory.mktemp("inputs")
+
+    def save(name, image, **kw):
+        image.save(d / name, **kw)
+        return d / name
+
+    out = {f"colour{i}": save(f"colour{i}.png", Image.new("RGB", (64, 64), (20 * i, 255 - 12 * i, 90)))
+           for i in range(10)}
+    out["rgba"] = save("rgba.png", Image.new("RGBA", (48, 48), (255, 0, 0, 90)))
+    out["palette"] = save("palette.png", Image.new("RGB", (48, 48), "green").convert("P"))
+    out["cmyk"] = save("cmyk.jpg", Image.new("RGB", (48, 48), "blue").convert("CMYK"))
+    out["16bit"] = save("16bit.png", Image.new("I;16", (48, 48), 30000))
+    exif = Image.Exif()
+    exif[274] = 6
+    out["exif"] = save("exif.jpg", Image.new("RGB", (60, 30), "yellow"), exif=exif.tobytes())
+    (d / "not_an_image.png").write_text("this is text, not a picture")
+    out["text"] = d / "not_an_image.png"
+    buf = io.BytesIO()
+    Image.effect_noise((128, 128), 60).convert("RGB").save(buf, format="JPEG")
+    (d / "truncated.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
+    out["truncated"] = d / "truncated.jpg"
+    (d / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(300))
+    out["corrupt"] = d / "corrupt.png"
+    (d / "bomb.png").write_bytes(_bomb_png())
+    out["bomb"] = d / "bomb.png"
+    (d / "empty.png").write_bytes(b"")
+    out["empty"] = d / "empty.png"
+    return out
+
+
+def _bomb_png(side: int = 100_000) -> bytes:
+    """A valid PNG header announcing side x side pixels (decoding would need ~30 GB)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", side, side, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def search(client, reference, caption, k=10, method="phi", steps=STEPS):
+    ref = handle_file(str(reference)) if reference is not None else None
+    return client.predict(ref, caption, k, method, steps, api_name="/search")
+
+
+def test_query_returns_k_results_in_rank_order(client, method, files):
+    gallery, status, hits, *_ = search(client, files["colour1"], "is a red star instead", k=7, method=method)
+    assert len(gallery) == 7 and len(hits) == 7
+    assert [h["rank"] for h in hits] == list(range(1, 8))
+    scores = [h["score"] for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    assert [g["caption"].split(" · ")[0] for g in gallery] == [f"#{r}" for r in range(1, 8)]
+    assert "7 results" in status
+    assert len({h["id"] for h in hits}) == 7
+
+
+def test_explain_panel(client, method, files):
+    search(client, files["colour2"], "is blue instead", method=method)
+    tokens, concepts, image_only, text_only, summary = client.predict(
+        handle_file(str(files["colour2"])), "is blue instead", method, STEPS, api_name="/explain")
+    assert tokens and concepts and "S* reads as" in summary
+    assert len(image_only) == 6 and len(text_only) == 6
+
+
+def test_example_reference_is_left_out_and_ground_truth_counted(client, method, tmp_path):
+    examples = D.load_examples()
+    if examples is None:
+        pytest.skip("assets/examples.json is missing")
+    ex = examples.references[0]
+    path = tmp_path / "example.png"
+    D.render_spec(ex.spec, D.REFERENCE_SIZE).save(path)  # the pixels the app shows for the example
+    gallery, status, hits, *_ = search(client, path, ex.caption, k=10, method=method)
+    assert f"gallery item `{ex.reference_id}`" in status
+    assert ex.reference_id not in [h["id"] for h in hits]
+    assert "ShapesCIR ground truth" in status
+    if REAL_WORLD:
+        assert sum(h["ground_truth"] for h in hits) == sum(h["id"] in ex.gt_ids for h in hits)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("text", "not a readable image"),
+    ("truncated", "not a readable image"),
+    ("corrupt", "not a readable image"),
+    ("bomb", "too large"),
+    ("empty", "empty"),
+])
+def test_bad_files_get_a_message(client, method, files, name, message):
+    with pytest.raises(AppError, match=message):
+        search(client, files[name], "is blue instead", method=method)
+
+
+@pytest.mark.parametrize("caption, message", [
+    ("", "caption is empty"),
+    ("   \t ", "caption is empty"),
+    ("costs $5", 'may not contain the placeholder "\\$"'),
+    ("costs ＄5", "placeholder"),
+])
+def test_bad_captions_get_a_message(client, method, files, caption, message):
+    with pytest.raises(AppError, match=message):
+        search(client, files["colour3"], caption, method=method)
+
+
+def test_no_reference_gets_a_message(client, method):
+    with pytest.raises(AppError, match="no reference image"):
+        search(client, None, "is blue instead", method=method)
+
+
+@pytest.mark.parametrize("name, note", [
+    ("rgba", "transparency"), ("palette", "palette image converted"), ("cmyk", "CMYK image converted"),
+    ("16bit", "16-bit image"), ("exif", "EXIF orientation applied"),
+])
+def test_unusual_images_work_and_say_what_was_converted(client, method, files, name, note):
+    gallery, status, hits, *_ = search(client, files[name], "is blue instead", k=5, method=method)
+    assert len(hits) == 5 and note in status
+
+
+def test_long_and_unicode_captions(client, method, files):
+    _, status, hits, *_ = search(client, files["colour4"], " ".join(["is blue and large"] * 40), k=5, method=method)
+    assert len(hits) == 5 and "cut at the context length" in status
+    for text in ("est plus grand 😀", "青くする", "اجعلها زرقاء", "Ｉｓ ｂｌｕｅ", "e\u0301\u200b\u202e ok", "&lt;b&gt;"):
+        _, status, hits, *_ = search(client, files["colour4"], text, k=3, method=method)
+        assert len(hits) == 3, text
+
+
+def test_server_keeps_serving(app, client, method, files):
+    for name in ("text", "bomb", "corrupt"):
+        with pytest.raises(AppError):
+            search(client, files[name], "is red", method=method)
+    assert app.alive()
+    _, _, hits, *_ = search(client, files["colour5"], "is red", k=4, method=method)
+    assert len(hits) == 4
+
+
+def test_twenty_concurrent_queries(app, method, files):
+    queries = [(files[f"colour{i % 10}"], ("is blue instead", "is a large star")[i // 10]) for i in range(20)]
+    clients = [Client(app.url, verbose=False, download_files=False, analytics_enabled=False) for _ in range(4)]
+    expected = [search(clients[0], ref, cap, k=8, method=method)[2] for ref, cap in queries]
+    jobs = [clients[i % 4].submit(handle_file(str(ref)), cap, 8, method, STEPS, api_name="/search")
+            for i, (ref, cap) in enumerate(queries)]
+    with ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda job: job.result(timeout=120), jobs))
+    assert len(answers) == 20
+    for want, got in zip(expected, answers, strict=True):
+        hits = got[2]
+        assert [h["id"] for h in hits] == [h["id"] for h in want]
+        assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-4)
