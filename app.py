@@ -172,9 +172,9 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
             panel = gr.Markdown(label="summary", elem_id="panel")
         gr.Markdown("### Why composition matters: one modality alone")
         with gr.Row():
-            image_only = gr.Gallery(label="Image only (the reference's nearest images)", columns=3, height="auto",
+            image_only = gr.Gallery(label="Image only (the reference's nearest images)", columns=3, height="auto", object_fit="contain",
                                     allow_preview=False, elem_id="image-only")
-            text_only = gr.Gallery(label="Text only (the caption alone)", columns=3, height="auto",
+            text_only = gr.Gallery(label="Text only (the caption alone)", columns=3, height="auto", object_fit="contain",
                                    allow_preview=False, elem_id="text-only")
 
         query_inputs = [reference, caption, top_k, method, steps, backbone]

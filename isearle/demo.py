@@ -80,8 +80,7 @@ _MODE_NOTES = {
     "PA": "the palette image has transparency: transparent areas were filled with white",
     "P": "palette image converted to RGB",
     "CMYK": "CMYK image converted to RGB",
-    "L": "grayscale image converted to RGB",
-    "1": "black-and-white image converted to RGB",
+    "1": "1-bit black-and-white image converted to RGB",
     "I;16": "16-bit image scaled to 8 bits per channel",
     "I;16B": "16-bit image scaled to 8 bits per channel",
     "I;16L": "16-bit image scaled to 8 bits per channel",
@@ -383,12 +382,16 @@ class ThumbnailCache:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, gallery_key: str, index: Any, item_id: str, size: int = THUMB_SIZE) -> str:
+        """A result thumbnail: the item fit in `size`, over a white band that the caption label covers."""
         name = hashlib.blake2b(f"{gallery_key}\0{item_id}".encode(), digest_size=10).hexdigest()
         out = self.root / str(size) / f"{name}.png"
         if not out.is_file():
             out.parent.mkdir(parents=True, exist_ok=True)
+            image = gallery_image(index, item_id, size)
+            canvas = Image.new("RGB", (size, size + size // 5), "white")
+            canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
             tmp = out.with_suffix(f".{threading.get_ident()}.tmp")
-            gallery_image(index, item_id, size).save(tmp, format="PNG")
+            canvas.save(tmp, format="PNG")
             os.replace(tmp, out)  # atomic: concurrent requests never serve a half-written file
         return str(out)
 
@@ -683,6 +686,21 @@ class Explanation:
     summary: str
 
 
+def weights_fingerprint(backbone: Backbone) -> str | None:
+    """A short id of the weights behind a backbone: a local file's path, size and mtime, else its tag."""
+    from isearle.backbone import BUNDLED_WEIGHTS
+
+    tag = backbone.pretrained
+    if tag is None:
+        return None
+    path = Path(tag) if Path(tag).is_file() else ASSETS_DIR / BUNDLED_WEIGHTS.get(tag, "-")
+    if not path.is_file():
+        return _slug(str(tag))
+    st = path.stat()
+    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
+    return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+
+
 class Loaded:
     """A loaded gallery entry: its service and what the panel needs, built once."""
 
@@ -703,12 +721,23 @@ class Loaded:
         return self.backbone.name in SHAPES_MODELS
 
     def concepts(self) -> Any:
-        """The concept bank (shapes vocabulary, or ImageNet names for real CLIPs), built once and disk-cached."""
+        """The concept bank (shapes vocabulary, or ImageNet names for real CLIPs), built once and disk-cached.
+
+        The cache folder carries a fingerprint of the weights file, so a retrained model (same tag)
+        never meets the bank of its predecessor; random-init weights are never cached.
+        """
         with self._bank_lock:
             if self._bank is None:
-                from isearle.concepts import concept_bank
+                from isearle import concepts
 
-                self._bank = concept_bank(self.backbone, "shapes" if self.shapes else "imagenet", progress=False)
+                source = "shapes" if self.shapes else "imagenet"
+                fingerprint = weights_fingerprint(self.backbone)
+                if fingerprint is None:
+                    self._bank = concepts.ConceptBank.build(self.backbone, concepts.load_vocabulary(source),
+                                                            progress=False)
+                else:
+                    self._bank = concepts.concept_bank(self.backbone, source, progress=False,
+                                                       cache_dir=concepts.CACHE_DIR / "concepts" / fingerprint)
             return self._bank
 
     def label(self) -> str:
@@ -898,7 +927,7 @@ class DemoEngine:
         out = []
         for h in hits:
             gt = h.id in gts
-            caption = f"#{h.rank} · {h.score:.3f}" + (" · ✓ ground truth" if gt else "")
+            caption = f"#{h.rank} · {h.score:.3f}" + (" ✓" if gt else "")
             out.append(ResultItem(h.rank, h.id, h.score, self.thumbs.path(key, loaded.service.index, h.id), caption, gt))
         return out
 
@@ -996,8 +1025,8 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("--gallery", "ISEARLE_GALLERY", "gallery_index",
             "gallery index folder(s), comma-separated; each is a backbone choice (default: the offline world)"),
-    Setting("--images", "ISEARLE_IMAGES", None, "image folder to index with --model (cached in gallery_index/hub-*)"),
-    Setting("--hf-dataset", "ISEARLE_HF_DATASET", None, "Hugging Face dataset to index with --model (cached likewise)"),
+    Setting("--images", "ISEARLE_IMAGES", None, "image folder to index with --model at start-up (once: cached under --hub-cache)"),
+    Setting("--hf-dataset", "ISEARLE_HF_DATASET", None, "Hugging Face dataset to index with --model at start-up (cached likewise)"),
     Setting("--hf-split", "ISEARLE_HF_SPLIT", "train", "dataset split for --hf-dataset"),
     Setting("--hf-limit", "ISEARLE_HF_LIMIT", None, "index only the first N images of the folder or dataset", int),
     Setting("--hub-cache", "ISEARLE_HUB_CACHE", "gallery_index",

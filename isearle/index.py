@@ -57,9 +57,10 @@ class IndexConfig:
     flat_threshold: int = 50_000
     approximate: str = "hnsw"
     hnsw_m: int = 32
-    hnsw_ef_construction: int = 80
+    hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 64
-    #: IVF lists; None: 4 * sqrt(N) at build time, capped so that every list gets >= 39 points.
+    #: IVF lists; None: sqrt(N) at build time (k-means on 2 cores stays under a minute at 1M),
+    #: capped so that every list gets >= 39 training points.
     ivf_nlist: int | None = None
     ivf_nprobe: int = 32
     #: PQ sub-quantisers (bytes per code); must divide the dimension.
@@ -104,9 +105,10 @@ def canonical_backbone(name: str | None, pretrained: str | None) -> tuple[str | 
     return name, pretrained
 
 
-def _search_threads(n_queries: int) -> None:
-    """One FAISS thread for a few queries (OpenMP start-up costs more than it saves), else all."""
-    faiss.omp_set_num_threads(1 if n_queries < 16 else max(1, torch.get_num_threads()))
+def _faiss_threads(n_rows: int) -> None:
+    """One FAISS thread for a few queries (OpenMP start-up costs more than it saves), else torch's
+    thread count (the CPU quota when the service set it): batched searches, adds, training."""
+    faiss.omp_set_num_threads(1 if n_rows < 16 else max(1, torch.get_num_threads()))
 
 
 class GalleryIndex:
@@ -155,7 +157,7 @@ class GalleryIndex:
             raise ValueError(f"IVF-PQ needs at least 256 vectors to train its codebooks, got {n}: use kind 'flat'")
         if self.dim % cfg.pq_m:
             raise ValueError(f"pq_m={cfg.pq_m} must divide the feature size {self.dim}")
-        nlist = cfg.ivf_nlist or int(4 * math.sqrt(n))
+        nlist = cfg.ivf_nlist or int(math.sqrt(n))
         nlist = max(1, min(nlist, n // 39))
         spec = f"IVF{nlist},PQ{cfg.pq_m}" + (f",Refine({cfg.refine})" if cfg.refine else "")
         inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
@@ -163,8 +165,8 @@ class GalleryIndex:
         # training time) that only pays off with polysemous search, which is not used here.
         faiss.downcast_index(faiss.extract_index_ivf(inner)).do_polysemous_training = False
         sample = train
-        if n > 256 * nlist:  # FAISS would subsample anyway; do it reproducibly
-            sample = train[np.random.default_rng(0).choice(n, 256 * nlist, replace=False)]
+        if n > 64 * nlist:  # 64 points per list train k-means well; subsample reproducibly
+            sample = train[np.sort(np.random.default_rng(0).choice(n, 64 * nlist, replace=False))]
         inner.train(sample)
         return faiss.IndexIDMap2(inner)
 
@@ -231,6 +233,7 @@ class GalleryIndex:
             if not ids:
                 return
             self._own()
+            _faiss_threads(len(ids))
             start, total = len(self.ids), len(self.ids) + len(ids)
             if self.config.kind == "auto" and self.kind == "flat" and total > self.config.flat_threshold:
                 self._convert(self.config.approximate, x)
@@ -265,7 +268,7 @@ class GalleryIndex:
             return [[] for _ in range(q.shape[0])]
         fetch = min(n, k + len(excluded))
         with self._lock:
-            _search_threads(q.shape[0])
+            _faiss_threads(q.shape[0])
             scores, labels = self._index.search(q, fetch)
         out = []
         for srow, lrow in zip(scores, labels, strict=True):

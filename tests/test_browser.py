@@ -62,6 +62,13 @@ def test_pick_example_type_caption_see_results_and_panel(app, tmp_path):
             page.wait_for_timeout(300)  # let images finish painting
             shot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(shot), full_page=True)
+            # chain an edit: the first result becomes the reference, and is left out of the next ranking
+            page.locator("#results .thumbnail-item").first.click()
+            caption.fill("is a star instead")
+            page.wait_for_timeout(500)  # the reference image is swapped in
+            page.locator("#search").click()
+            page.locator("#status", has_text="is a star instead").wait_for(timeout=60_000)
+            assert "Reference: gallery item" in page.locator("#status").inner_text()
         finally:
             browser.close()
     assert shot.stat().st_size > 20_000

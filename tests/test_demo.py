@@ -49,7 +49,7 @@ def _bomb_png(side: int = 100_000) -> bytes:
     (lambda: _png(Image.new("P", (20, 10))), "palette"),
     (lambda: _png(Image.new("RGB", (20, 10)).convert("CMYK"), format="JPEG"), "CMYK"),
     (lambda: _png(Image.new("I;16", (20, 10), 40000)), "16-bit"),
-    (lambda: _png(Image.new("L", (20, 10), 7)), "grayscale"),
+    (lambda: _png(Image.new("1", (20, 10), 1)), "1-bit"),
 ])
 def test_load_reference_converts_modes_with_a_note(make, note):
     image, notes = D.load_reference(make())
@@ -66,8 +66,10 @@ def test_load_reference_applies_exif_orientation():
     assert any("EXIF orientation" in n for n in notes)
 
 
-def test_load_reference_plain_rgb_has_no_notes():
+def test_load_reference_plain_rgb_and_grayscale_have_no_notes():
     image, notes = D.load_reference(_png(Image.new("RGB", (8, 8), "blue")))
+    assert image.mode == "RGB" and notes == []
+    image, notes = D.load_reference(_png(Image.new("L", (8, 8), 9)))
     assert image.mode == "RGB" and notes == []
 
 
@@ -191,7 +193,7 @@ def test_search_returns_k_ranked_hits(engine, tmp_path):
     scores = [it.score for it in result.items]
     assert scores == sorted(scores, reverse=True)
     assert all(it.caption.startswith(f"#{it.rank} · ") for it in result.items)
-    assert all(Image.open(it.image).size == (D.THUMB_SIZE, D.THUMB_SIZE) for it in result.items)
+    assert all(Image.open(it.image).size == (D.THUMB_SIZE, D.THUMB_SIZE * 6 // 5) for it in result.items)
     assert result.reference_id is None and "7 results" in result.summary()
     again = engine.search(None, ref, "is red instead", k=7, method="phi")
     assert again.cached and [it.id for it in again.items] == [it.id for it in result.items]
@@ -221,7 +223,7 @@ def test_gallery_item_as_reference_is_left_out_and_ground_truth_marked(engine):
     assert ref_id not in ids and len(ids) == len(loaded.service.index) - 1
     assert result.reference_id == ref_id and result.gt_ids == gt and result.gt_found == 4
     assert all(it.ground_truth == (it.id in gt) for it in result.items)
-    assert "✓ ground truth" in next(it.caption for it in result.items if it.ground_truth)
+    assert next(it.caption for it in result.items if it.ground_truth).endswith(" ✓")
     # the canonical image (what the gallery was embedded from) is queried: image-only finds its twin
     _, feats = loaded.service.retriever.image_features(engine._resolve(loaded, engine.default_key, image)[0])
     vec = torch.nn.functional.normalize(feats, dim=-1).numpy()
@@ -251,6 +253,21 @@ def test_explain_panel(engine, tmp_path):
     assert "S* reads as" in ex.summary
     wide = engine.explain(None, ref, "is blue instead", "phi", k=4, trained_only=False)
     assert wide.tokens[0][1] >= ex.tokens[0][1]
+
+
+def test_weights_fingerprint_follows_the_file(tiny, world, tmp_path):
+    import dataclasses
+    import os
+
+    assert D.weights_fingerprint(tiny) is None  # random init: never cached
+    ck = tmp_path / "w.pt"
+    ck.write_bytes(world["checkpoint"].read_bytes())
+    b = dataclasses.replace(tiny, pretrained=str(ck))
+    first = D.weights_fingerprint(b)
+    assert first == D.weights_fingerprint(b)
+    os.utime(ck, ns=(1, 1))  # a retrained model lands with another mtime
+    assert D.weights_fingerprint(b) != first
+    assert D.weights_fingerprint(dataclasses.replace(tiny, pretrained="openai")) == "openai"
 
 
 def test_engine_label_and_paths(engine, world):

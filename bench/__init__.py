@@ -1,0 +1,1 @@
+"""Benchmarks of isearle (see bench/run_all.py); each script also runs alone."""
