@@ -56,12 +56,40 @@ def bench_model(name: str, repeat: int) -> list[Row]:
             b = encode_with_pseudo_tokens(backbone, [prompt], token, truncate=False)
             diff = max(diff, float((a - b).abs().max() / b.abs().max()))
     full, trunc = median(times[False]) * 1e3, median(times[True]) * 1e3
+    t0, per_token = cost_model(backbone, token, repeat)
+    typical = sorted(lengths)[len(lengths) // 2]
     case = f"{name}, {len(prompts)} demo prompts ({min(lengths)}-{max(lengths)} tokens), batch 1"
+    bound = (t0 + per_token * 77) / (t0 + per_token * typical)
     return [
         row("a text", case, "full 77-token context", full, "ms"),
         row("a text", case, "truncated context", trunc, "ms"),
         row("a text", case, "speed-up", full / trunc, "x", ">= 5x", f"max rel. feature diff {diff:.1e}"),
+        row("a text", case, "fixed cost per pass t0 (fit t = t0 + c L)", t0, "ms", "",
+            f"c = {per_token:.2f} ms/token; bound t(77)/t({typical}) = {bound:.1f}x"),
     ]
+
+
+def cost_model(backbone, token, repeat: int, lengths: tuple[int, ...] = (8, 16, 32, 48, 77)) -> tuple[float, float]:
+    """Least-squares fit of the encoder time over the sequence length L: t = t0 + c L (ms).
+
+    t0 is what does not shrink with the prompt (reading every weight once, per-op dispatch):
+    it bounds the speed-up of truncation at t(77) / t(L).
+    """
+    import numpy as np
+    import torch
+
+    from isearle.pseudo_word import encode_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    ts = []
+    for n in lengths:
+        ids = torch.zeros(1, backbone.context_length, dtype=torch.long)
+        ids[0, :n] = torch.randint(300, 40000, (n,), generator=gen)
+        ids[0, 0], ids[0, 4], ids[0, n - 1] = 49406, backbone.placeholder_id, 49407
+        with torch.inference_mode():
+            ts.append(median(timeit(lambda ids=ids: encode_tokens(backbone, ids, token), repeat=repeat * 2)) * 1e3)
+    c, t0 = np.polyfit(np.array(lengths, float), np.array(ts), 1)
+    return float(t0), float(c)
 
 
 def main(argv: list[str] | None = None) -> list[Row]:

@@ -762,6 +762,7 @@ class DemoEngine:
         self.truth = GroundTruth.load(benchmark_dir, examples)
         self._loaded: dict[str, Loaded] = {}
         self._load_lock = threading.Lock()
+        self.threads = torch.get_num_threads()  # after `set_threads()`: the CPU quota
         #: display-image content hash -> (gallery key, item id): references picked from a gallery
         self.known = LRUCache(4096)
 
@@ -838,7 +839,7 @@ class DemoEngine:
         loaded = self.load(key)
         ref = _warm_image(loaded.backbone.image_size)
         method = "phi" if loaded.service.phi is not None else "image+text"
-        loaded.service.retriever.query(ref, "is blue", k=1, method=method)
+        self._query(loaded.service.retriever, ref, "is blue", k=1, method=method)
         loaded.concepts()
         if method == "phi":
             self._explain(loaded, ref, "is blue", "phi", OTIConfig(batch_size=1), 3, True)
@@ -916,12 +917,25 @@ class DemoEngine:
         oti = OTIConfig(steps=int(steps), batch_size=1)
         cached = retriever.tokens.get((image_key(query_image), method, oti.steps if method == "oti" else 0)) is not None
         k = max(1, min(int(k), len(loaded.service.index) - (1 if ref_id else 0)))
-        hits = retriever.query(query_image, cap.caption, k, method, oti,
+        hits = self._query(retriever, query_image, cap.caption, k, method, oti,
                                exclude=[ref_id] if ref_id else (), progress=progress)
         gts = self.truth.get(ref_id, cap.caption) if loaded.benchmark else None
         items = self._items(key, loaded, hits, set(gts or ()))
         return SearchResult(items, notes, cap.used if cap.cut else cap.prompt, method,
                             1000 * (time.perf_counter() - start), cached, ref_id, gts)
+
+    def _query(self, retriever: Retriever, *args: Any, **kwargs: Any) -> list[Hit]:
+        """`Retriever.query`, then torch's thread count put back.
+
+        A FAISS search sets OpenMP's thread count to 1 for this thread (faiss.omp_set_num_threads),
+        which torch reads too: without this, every later query in the same worker thread would run
+        torch single-threaded (and, with OpenMP's default spin-waiting, 10-25x slower: measured on
+        scaled_dot_product_attention; app.py sets OMP_WAIT_POLICY=PASSIVE against that).
+        """
+        try:
+            return retriever.query(*args, **kwargs)
+        finally:
+            restore_torch_threads(self.threads)
 
     def _items(self, key: str, loaded: Loaded, hits: Sequence[Hit], gts: set[str]) -> list[ResultItem]:
         out = []
@@ -969,8 +983,8 @@ class DemoEngine:
         if key is not None:
             exclude = [ref_id] if ref_id else ()
             gts = set(self.truth.get(ref_id, caption) or ()) if loaded.benchmark else set()
-            image_only = self._items(key, loaded, retriever.query(image, caption, k, "image", exclude=exclude), gts)
-            text_only = self._items(key, loaded, retriever.query(None, caption, k, "text", exclude=exclude), gts)
+            image_only = self._items(key, loaded, self._query(retriever, image, caption, k, "image", exclude=exclude), gts)
+            text_only = self._items(key, loaded, self._query(retriever, None, caption, k, "text", exclude=exclude), gts)
         norm = float(token.float().norm())
         summary = (f"S* reads as **{', '.join(w for w, _ in tokens[:3])}** · concepts: "
                    f"**{', '.join(c for c, _ in concepts[:3])}** · ‖S*‖ = {norm:.2f} "
@@ -1002,6 +1016,11 @@ class DemoEngine:
             if e.images is not None:
                 paths.add(str(e.images))
         return sorted(paths)
+
+
+def restore_torch_threads(n: int) -> None:
+    """Set torch's intra-op threads to `n` in this thread (see `DemoEngine._query`)."""
+    torch.set_num_threads(n)
 
 
 def _warm_image(size: int) -> Image.Image:

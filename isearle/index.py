@@ -62,12 +62,12 @@ class IndexConfig:
     #: IVF lists; None: sqrt(N) at build time (k-means on 2 cores stays under a minute at 1M),
     #: capped so that every list gets >= 39 training points.
     ivf_nlist: int | None = None
-    ivf_nprobe: int = 32
+    ivf_nprobe: int = 16
     #: PQ sub-quantisers (bytes per code); must divide the dimension.
     pq_m: int = 64
     #: Re-rank IVF-PQ candidates with finer codes: "SQ8" (1 byte/dim), "Flat" (exact), or None.
     refine: str | None = "SQ8"
-    refine_k_factor: int = 4
+    refine_k_factor: int = 8
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -573,11 +573,11 @@ def invert_changes(source: SceneSpec, changes: Sequence[dict[str, Any]]) -> list
 
 def edit_caption(spec: SceneSpec, rng: random.Random) -> str:
     """A caption of `spec` as an edit of another scene: "a photo of {other scene} that {edit}"."""
-    etype = rng.choice(feasible_edits(spec))
-    etype = {"add": "remove", "remove": "add"}.get(etype, etype)  # captioned by the inverse edit
-    if etype == "add" and len(spec.objects) >= MAX_OBJECTS or etype == "remove" and len(spec.objects) < 2:
-        etype = "colour"
-    other, changes = edit_scene(spec, etype, rng)
+    etype = rng.choice(EDIT_TYPES)  # the edit that leads to `spec`
+    if etype == "add" and len(spec.objects) < 2 or etype == "remove" and len(spec.objects) >= MAX_OBJECTS:
+        etype = rng.choice(ATTRIBUTE_EDITS)
+    inverse = {"add": "remove", "remove": "add"}.get(etype, etype)  # from `spec` back to the other scene
+    other, changes = edit_scene(spec, inverse, rng)
     back = invert_changes(spec, changes)
     subject = describe(other, rng, p_background=0.7) if rng.random() < 0.8 else noun_phrase(
         other.objects[0], rng, _random_attrs(rng, 2))
