@@ -16,8 +16,10 @@ number of OTI steps from phi's token needed to reach the loss of 350 cold steps.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import time
+from pathlib import Path
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
@@ -149,13 +151,13 @@ def bench_steps(model: str, batch: int, searle_steps: int, fast_steps: int) -> l
     return rows
 
 
-def bench_warm_start(steps: int = 350, batch: int = 8, window: int = 10) -> list[Row]:
+def bench_warm_start(phi_path: Path | None = None, steps: int = 350, batch: int = 8, window: int = 10) -> list[Row]:
     """Steps of OTI from phi's token needed to reach the loss of `steps` cold steps (shapes world)."""
     import torch
 
     model_path = REPO / "assets" / "models" / "isearle-shapes.safetensors"
-    phi_path = REPO / "assets" / "models" / "isearle-shapes-phi.safetensors"
-    case = f"isearle-shapes CLIP + phi, batch {batch}, {steps} cold steps"
+    phi_path = phi_path or REPO / "assets" / "models" / "isearle-shapes-phi.safetensors"
+    case = f"isearle-shapes CLIP + phi ({phi_path.name}), batch {batch}, held-out scenes, {steps} cold steps"
     if not (model_path.is_file() and phi_path.is_file()):
         return [row("b OTI", case, "warm start from phi: steps to reach the cold loss", "n/a", "", "",
                     "no trained shapes CLIP/phi in assets/models (scripts/offline_world.sh)")]
@@ -207,12 +209,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--searle-steps", type=int, default=5, help="SEARLE steps (the first one is not timed)")
     p.add_argument("--fast-steps", type=int, default=12, help="steps of the faster variants")
     p.add_argument("--no-warm-start", action="store_true")
+    p.add_argument("--phi", type=Path, default=os.environ.get("ISEARLE_BENCH_PHI"),
+                   help="shapes phi for the warm start (default: assets/models/isearle-shapes-phi.safetensors)")
     args = p.parse_args(argv)
     setup_threads()
     rows = bench_steps(args.model, args.batch, args.searle_steps, args.fast_steps)
     if not args.no_warm_start:
         log("bench b: warm start (shapes world)")
-        rows += bench_warm_start()
+        rows += bench_warm_start(args.phi)
     return rows
 
 

@@ -5,6 +5,7 @@ localhost port and times sequential /search calls:
   cold  a reference the server has never seen: image features, S* (phi or OTI), text encoder,
         FAISS search, thumbnails of results not shown before;
   warm  the same reference with a new caption: S* comes from the cache (text encoder + search);
+  repeat  a query asked before: the query feature comes from the cache (search only);
   explain  the pseudo-word panel (/explain) after a query.
 Client-side times include HTTP, the queue and file handling; "server" is the handler's own time
 (reported in the status line). References are ShapesCIR test references, rendered as the app
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         client = Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
         info = client.predict(api_name="/info")
         method = args.method or info["methods"][0]
-        timings: dict[str, list[float]] = {"cold": [], "warm": [], "explain": []}
-        server: dict[str, list[float]] = {"cold": [], "warm": []}
+        timings: dict[str, list[float]] = {"cold": [], "warm": [], "repeat": [], "explain": []}
+        server: dict[str, list[float]] = {"cold": [], "warm": [], "repeat": []}
 
         def search(path: Path, caption: str, kind: str) -> None:
             t = time.perf_counter()
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  api_name="/search")
             timings[kind].append(1000 * (time.perf_counter() - t))
             assert len(hits) == args.k
-            m = re.search(r"· (\d+) ms", status)
+            m = re.search(r"· (\d+) ms", status)  # the handler's own time
             if m:
                 server[kind].append(float(m.group(1)))
 
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
             search(path, caption, "cold")
         for i, (path, _) in enumerate(refs):
             search(path, other_captions[i % len(other_captions)], "warm")
+        for path, caption in refs:
+            search(path, caption, "repeat")
         for path, caption in refs[: max(5, args.n // 4)]:
             t = time.perf_counter()
             client.predict(handle_file(str(path)), caption, method, args.steps, api_name="/explain")
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{info['label']} · method {method} · top-{args.k} · start-up {startup:.1f} s · first query {first:.0f} ms")
     print(f"{'':10}{'n':>4}{'p50 ms':>10}{'p95 ms':>10}   (server-side p50 / p95)")
-    for kind in ("cold", "warm", "explain"):
+    for kind in ("cold", "warm", "repeat", "explain"):
         c = result["client_ms"][kind]
         s = result["server_ms"].get(kind)
         extra = f"   ({s['p50']:.0f} / {s['p95']:.0f})" if s and s["n"] else ""

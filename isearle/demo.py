@@ -544,6 +544,7 @@ def build_shapes_gallery(out_dir: str | Path, backbone: Backbone, specs: dict[st
     index = build_gallery_index(backbone, items, batch_size=batch_size, num_workers=0, progress=progress)
     index.info["benchmark"] = benchmark
     index.info["render_size"] = size
+    index.info["weights"] = weights_fingerprint(backbone)
     return index.save(out_dir)
 
 
@@ -644,7 +645,7 @@ class SearchResult:
     prompt: str
     method: str
     elapsed_ms: float
-    cached: bool
+    cached: str  # "query" (feature reused), "reference" (S* reused) or ""
     reference_id: str | None = None
     gt_ids: list[str] | None = None
 
@@ -658,7 +659,7 @@ class SearchResult:
         shown = self.prompt.replace("$", "S*")
         shown = shown if len(shown) <= 160 else shown[:80] + " … " + shown[-60:]
         text = (f"**{len(self.items)} results** for “{shown}” · {method} · {self.elapsed_ms:.0f} ms"
-                f"{' (reference cached)' if self.cached else ''}")
+                f"{f' ({self.cached} cached)' if self.cached else ''}")
         if self.gt_ids is not None:
             text += (f"  \nShapesCIR ground truth: **{self.gt_found} of {len(self.gt_ids)}** in the top "
                      f"{len(self.items)} (marked ✓)")
@@ -686,19 +687,37 @@ class Explanation:
     summary: str
 
 
-def weights_fingerprint(backbone: Backbone) -> str | None:
-    """A short id of the weights behind a backbone: a local file's path, size and mtime, else its tag."""
+def weights_file(pretrained: str | None) -> Path | None:
+    """The local file behind a pretrained tag (a path, or a bundled tag), None for hub tags."""
     from isearle.backbone import BUNDLED_WEIGHTS
 
-    tag = backbone.pretrained
-    if tag is None:
+    if pretrained is None:
         return None
-    path = Path(tag) if Path(tag).is_file() else ASSETS_DIR / BUNDLED_WEIGHTS.get(tag, "-")
-    if not path.is_file():
-        return _slug(str(tag))
+    path = Path(pretrained) if Path(pretrained).is_file() else ASSETS_DIR / BUNDLED_WEIGHTS.get(pretrained, "-")
+    return path if path.is_file() else None
+
+
+@functools.lru_cache(maxsize=16)
+def _file_digest(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.blake2b(digest_size=6)
+    if size <= 256 * 2**20:  # content: a checkout or a copy keeps it, a retrained model changes it
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    else:  # large checkpoints: where and when
+        h.update(f"{path}:{size}:{mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def weights_fingerprint(backbone: Backbone) -> str | None:
+    """A short id of the weights behind a backbone: a local file's content hash, else its tag."""
+    if backbone.pretrained is None:
+        return None
+    path = weights_file(backbone.pretrained)
+    if path is None:
+        return _slug(str(backbone.pretrained))
     st = path.stat()
-    key = f"{path.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.blake2b(key.encode(), digest_size=6).hexdigest()
+    return _file_digest(str(path.resolve()), st.st_size, st.st_mtime_ns)
 
 
 class Loaded:
@@ -765,6 +784,8 @@ class DemoEngine:
         self.threads = torch.get_num_threads()  # after `set_threads()`: the CPU quota
         #: display-image content hash -> (gallery key, item id): references picked from a gallery
         self.known = LRUCache(4096)
+        #: (gallery, image hash, method, steps, caption) -> query feature: a repeated query skips the encoders
+        self.query_features = LRUCache(4 * cache_size)
 
     # --------------------------------------------------------------------------- loading
     def load(self, key: str | None = None, progress: bool = True) -> Loaded:
@@ -796,8 +817,8 @@ class DemoEngine:
             if not entry.directory.is_absolute() and not entry.directory.exists():
                 entry.directory = REPO_DIR / entry.directory
             has_source = entry.images is not None or bool(entry.hf_dataset)
-            if not has_source and not _index_present(entry.directory):
-                ensure_offline_gallery(entry.directory)
+            if not has_source and entry.directory.resolve() == (REPO_DIR / "gallery_index").resolve():
+                ensure_offline_gallery(entry.directory)  # the offline world: built when missing or stale
             if has_source or _index_present(entry.directory):
                 entries.append(entry)
             else:
@@ -915,10 +936,20 @@ class DemoEngine:
         query_image, ref_id = self._resolve(loaded, key, image)
         retriever = loaded.service.retriever
         oti = OTIConfig(steps=int(steps), batch_size=1)
-        cached = retriever.tokens.get((image_key(query_image), method, oti.steps if method == "oti" else 0)) is not None
+        steps_key = oti.steps if method == "oti" else 0
+        ikey = image_key(query_image)
+        qkey = (key, ikey, method, steps_key, cap.caption)
+        feature = self.query_features.get(qkey)
+        cached = "query" if feature is not None else (
+            "reference" if retriever.tokens.get((ikey, method, steps_key)) is not None else "")
         k = max(1, min(int(k), len(loaded.service.index) - (1 if ref_id else 0)))
-        hits = self._query(retriever, query_image, cap.caption, k, method, oti,
-                               exclude=[ref_id] if ref_id else (), progress=progress)
+        try:
+            if feature is None:
+                feature = retriever.query_feature(query_image, cap.caption, method, oti, progress)
+                self.query_features.put(qkey, feature)
+            hits = retriever.search(feature, k, exclude=[ref_id] if ref_id else ())
+        finally:
+            restore_torch_threads(self.threads)
         gts = self.truth.get(ref_id, cap.caption) if loaded.benchmark else None
         items = self._items(key, loaded, hits, set(gts or ()))
         return SearchResult(items, notes, cap.used if cap.cut else cap.prompt, method,
@@ -1105,18 +1136,37 @@ def entries_from_args(args: argparse.Namespace) -> list[GalleryEntry]:
     return entries
 
 
+def offline_gallery_stale(directory: Path) -> bool:
+    """Whether an offline-world gallery was embedded with other weights than the bundled isearle-shapes."""
+    try:
+        info = json.loads((directory / "index.json").read_text()).get("info", {})
+    except (OSError, ValueError):
+        return False
+    bundled = weights_file("isearle-shapes")
+    if info.get("pretrained") != "isearle-shapes" or not info.get("weights") or bundled is None:
+        return False
+    st = bundled.stat()
+    return info["weights"] != _file_digest(str(bundled.resolve()), st.st_size, st.st_mtime_ns)
+
+
 def ensure_offline_gallery(directory: Path, progress: bool = True) -> bool:
-    """Build the offline world's gallery when it is missing and its parts (weights, benchmark) exist."""
+    """Build the offline world's gallery when it is missing or was embedded with other shapes weights.
+
+    Returns whether `directory` holds an index afterwards. Needs the benchmark and the weights.
+    """
     from isearle.shapes.benchmark import BENCHMARK_DIR
 
-    if _index_present(directory):
-        return True
+    present = _index_present(directory)
+    if present:
+        if not offline_gallery_stale(directory):
+            return True
+        print(f"{directory} was embedded with other isearle-shapes weights: rebuilding it", flush=True)
     if not (BENCHMARK_DIR / "gallery.json").is_file():
-        return False
+        return present
     try:
         backbone = load_backbone("isearle-shapes", "isearle-shapes", "cpu")
     except WeightsUnavailable:
-        return False
+        return present
     print(f"building the offline world's gallery in {directory} (once)", flush=True)
     build_shapes_gallery(directory, backbone, benchmark_dir=BENCHMARK_DIR, progress=progress)
     return True

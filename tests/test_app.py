@@ -21,8 +21,11 @@ gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
+#: the offline world is served when its weights and an up-to-date gallery are in the checkout
+#: (a stale gallery would be rebuilt by the app: not something a test should do to the checkout)
 REAL_WORLD = (REPO_DIR / "gallery_index" / "index.json").is_file() and (
-    REPO_DIR / "assets" / "models" / "isearle-shapes.safetensors").is_file()
+    REPO_DIR / "assets" / "models" / "isearle-shapes.safetensors").is_file() and not D.offline_gallery_stale(
+    REPO_DIR / "gallery_index")
 
 
 def app_arguments(tmp: Path) -> list[str]:
@@ -34,8 +37,8 @@ def app_arguments(tmp: Path) -> list[str]:
 
 
 def app_environment(tmp: Path) -> dict[str, str]:
-    """Offline, and every cache (concept banks, thumbnails, Gradio uploads) under `tmp`."""
-    return {"HF_HUB_OFFLINE": "1", "ISEARLE_CACHE": str(tmp / "cache"), "TMPDIR": str(tmp),
+    """Offline; thumbnails and uploads under `tmp`, concept banks in a cache shared by the session."""
+    return {"HF_HUB_OFFLINE": "1", "ISEARLE_CACHE": str(tmp.parent / "isearle-cache"), "TMPDIR": str(tmp),
             "GRADIO_TEMP_DIR": str(tmp / "gradio"), "GRADIO_ANALYTICS_ENABLED": "False"}
 
 
@@ -206,5 +209,8 @@ def test_twenty_concurrent_queries(app, method, files):
     assert len(answers) == 20
     for want, got in zip(expected, answers, strict=True):
         hits = got[2]
-        assert [h["id"] for h in hits] == [h["id"] for h in want]
         assert [h["score"] for h in hits] == pytest.approx([h["score"] for h in want], abs=1e-4)
+        # the same ids in the same order, up to items whose scores tie (near-identical scenes)
+        ties = {h["id"] for h in want if sum(abs(h["score"] - o["score"]) < 1e-5 for o in want) > 1}
+        assert [h["id"] for h in hits if h["id"] not in ties] == [h["id"] for h in want if h["id"] not in ties]
+        assert {h["id"] for h in hits} == {h["id"] for h in want} or ties

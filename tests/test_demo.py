@@ -195,8 +195,12 @@ def test_search_returns_k_ranked_hits(engine, tmp_path):
     assert all(it.caption.startswith(f"#{it.rank} · ") for it in result.items)
     assert all(Image.open(it.image).size == (D.THUMB_SIZE, D.THUMB_SIZE * 6 // 5) for it in result.items)
     assert result.reference_id is None and "7 results" in result.summary()
+    assert result.cached == ""
     again = engine.search(None, ref, "is red instead", k=7, method="phi")
-    assert again.cached and [it.id for it in again.items] == [it.id for it in result.items]
+    assert again.cached == "query" and [it.id for it in again.items] == [it.id for it in result.items]
+    assert "(query cached)" in again.summary()
+    other = engine.search(None, ref, "is a star", k=3, method="phi")
+    assert other.cached == "reference" and len(other.items) == 3
 
 
 def test_oti_and_missing_phi(engine, tmp_path, world):
@@ -265,9 +269,29 @@ def test_weights_fingerprint_follows_the_file(tiny, world, tmp_path):
     b = dataclasses.replace(tiny, pretrained=str(ck))
     first = D.weights_fingerprint(b)
     assert first == D.weights_fingerprint(b)
-    os.utime(ck, ns=(1, 1))  # a retrained model lands with another mtime
+    os.utime(ck, ns=(1, 1))  # a checkout: same content, same id
+    assert D.weights_fingerprint(b) == first
+    ck.write_bytes(ck.read_bytes()[:-1] + b"x")  # a retrained model
     assert D.weights_fingerprint(b) != first
     assert D.weights_fingerprint(dataclasses.replace(tiny, pretrained="openai")) == "openai"
+
+
+def test_offline_gallery_staleness(tmp_path):
+    bundled = D.weights_file("isearle-shapes")
+    if bundled is None:
+        pytest.skip("no bundled shapes weights in this checkout")
+
+    def gallery(**info):
+        (tmp_path / "index.json").write_text(json.dumps({"info": info}))
+        return tmp_path
+
+    st = bundled.stat()
+    current = D._file_digest(str(bundled.resolve()), st.st_size, st.st_mtime_ns)
+    assert not D.offline_gallery_stale(gallery(pretrained="isearle-shapes", weights=current))
+    assert D.offline_gallery_stale(gallery(pretrained="isearle-shapes", weights="0" * 12))
+    assert not D.offline_gallery_stale(gallery(pretrained="isearle-shapes"))  # unknown: left alone
+    assert not D.offline_gallery_stale(gallery(pretrained="/some/other.pt", weights="0" * 12))
+    assert not D.offline_gallery_stale(tmp_path / "missing")
 
 
 def test_engine_label_and_paths(engine, world):
