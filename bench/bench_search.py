@@ -129,7 +129,7 @@ def bench_size(n: int, n_queries: int, kinds: list[str], workdir: Path, data: st
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
-    p.add_argument("--queries", type=int, default=50, help="single queries timed per index")
+    p.add_argument("--queries", type=int, default=30, help="single queries timed per index")
     p.add_argument("--hnsw-1m", action="store_true", help="also build HNSW above 200k vectors (slow)")
     p.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
     args = p.parse_args(argv)

@@ -95,7 +95,7 @@ def cost_model(backbone, token, repeat: int, lengths: tuple[int, ...] = (8, 16, 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-L-14"])
-    p.add_argument("--repeat", type=int, default=5, help="timed calls per prompt and mode")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per prompt and mode")
     args = p.parse_args(argv)
     setup_threads()
     rows: list[Row] = []

@@ -85,6 +85,8 @@ def row(bench: str, case: str, metric: str, value: float | str, unit: str = "", 
 def fmt(value: float | str) -> str:
     if isinstance(value, str):
         return value
+    if isinstance(value, int):
+        return f"{value:,}"
     if value != value:  # NaN
         return "n/a"
     a = abs(value)
