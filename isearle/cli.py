@@ -9,9 +9,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+# torch and FAISS each bring an OpenMP runtime; spinning idle threads of one starve the other.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 DEFAULT_MODEL = "ViT-B-32"
 DEFAULT_PRETRAINED = "openai"
@@ -135,12 +139,13 @@ def oti_main(args: argparse.Namespace) -> int:
     ids, items = source_from(args, backbone.image_size)
     bank = json.loads(args.phrases.read_text()) if args.phrases else None
     phi = load_phi(args.phi, backbone.device) if args.phi else None
+    concepts = concept_bank(backbone, args.vocabulary)
     if args.ray:
         from isearle.scale import ray_oti
 
-        ids, tokens = ray_oti(args, backbone, ids, items, config, bank, phi)
+        ids, tokens = ray_oti(backbone, ids, items, args.out, config, concepts, bank, phi,
+                              address=args.ray_address)
     else:
-        concepts = concept_bank(backbone, args.vocabulary)
         ids, tokens = invert_images(backbone, ids, items, args.out, config, concepts, bank, phi)
     print(f"{len(ids)} pseudo-tokens of width {tokens.shape[1]} in {args.out}")
     return 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from isearle.backbone import ASSETS_DIR, Backbone, WeightsUnavailable, load_backbone
+from isearle.backbone import ASSETS_DIR, QUICKGELU_ALIASES, Backbone, WeightsUnavailable, load_backbone
 from isearle.phi import Phi, load_phi
 from isearle.retrieval import Retriever
 
@@ -67,6 +67,8 @@ def load_service(gallery: str | Path = "gallery_index", model: str | None = None
     info = index.info
     model = model or info.get("model")
     pretrained = pretrained or info.get("pretrained")
+    if pretrained == "openai":  # the index records the QuickGELU name load_backbone resolves to
+        model = QUICKGELU_ALIASES.get(model, model)
     if (model, pretrained) != (info.get("model"), info.get("pretrained")):
         raise ValueError(f"gallery {gallery} was embedded with {info.get('model')}/{info.get('pretrained')}, "
                          f"not {model}/{pretrained}: rebuild it with `isearle index --model {model}`")
