@@ -11,7 +11,7 @@ RUN=${RUN:-runs}
 isearle build-shapes --out assets/shapescir --seed 0
 isearle train-clip --out-dir "$RUN/clip" --resume --export assets/models/isearle-shapes.safetensors
 isearle phrases --vocabulary shapes --generator offline --samples 32 --out "$RUN/phrases.json"
-isearle oti "${M[@]}" --shapes 4096 --shapes-seed 7000 --vocabulary shapes --phrases "$RUN/phrases.json" \
+isearle oti "${M[@]}" --shapes 1024 --shapes-seed 7000 --vocabulary shapes --phrases "$RUN/phrases.json" \
   --batch-size 256 --out "$RUN/oti"
 isearle train-phi "${M[@]}" --oti "$RUN/oti" --phrases "$RUN/phrases.json" --epochs 100 \
   --out assets/models/isearle-shapes-phi.safetensors
