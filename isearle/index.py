@@ -14,12 +14,13 @@ what `isearle index` runs; `--ray` hands the embedding to Ray Data (`isearle.sca
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,18 @@ def canonical_backbone(name: str | None, pretrained: str | None) -> tuple[str | 
     return name, pretrained
 
 
-def _faiss_threads(n_rows: int) -> None:
+@contextlib.contextmanager
+def _faiss_threads(n_rows: int) -> Iterator[None]:
     """One FAISS thread for a few queries (OpenMP start-up costs more than it saves), else torch's
-    thread count (the CPU quota when the service set it): batched searches, adds, training."""
-    faiss.omp_set_num_threads(1 if n_rows < 16 else max(1, torch.get_num_threads()))
+    thread count: batched searches, adds, training. torch may share FAISS's OpenMP runtime, whose
+    thread setting then also caps torch: torch's count is restored afterwards."""
+    torch_threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(1 if n_rows < 16 else max(1, torch_threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 class GalleryIndex:
@@ -233,19 +242,19 @@ class GalleryIndex:
             if not ids:
                 return
             self._own()
-            _faiss_threads(len(ids))
-            start, total = len(self.ids), len(self.ids) + len(ids)
-            if self.config.kind == "auto" and self.kind == "flat" and total > self.config.flat_threshold:
-                self._convert(self.config.approximate, x)
-            elif self._index is None:  # explicit approximate kind, first add: train (IVF-PQ) on it
-                self._convert(self.kind, x)
-            else:
-                self._index.add_with_ids(x, np.arange(start, total, dtype=np.int64))
-            self.ids.extend(ids)
-            for r, (i, m) in enumerate(zip(ids, metas, strict=True), start):
-                self._row[i] = r
-                self.metadata[i] = m
-            self.info["count"] = len(self.ids)
+            with _faiss_threads(len(ids)):
+                start, total = len(self.ids), len(self.ids) + len(ids)
+                if self.config.kind == "auto" and self.kind == "flat" and total > self.config.flat_threshold:
+                    self._convert(self.config.approximate, x)
+                elif self._index is None:  # explicit approximate kind, first add: train (IVF-PQ) on it
+                    self._convert(self.kind, x)
+                else:
+                    self._index.add_with_ids(x, np.arange(start, total, dtype=np.int64))
+                self.ids.extend(ids)
+                for r, (i, m) in enumerate(zip(ids, metas, strict=True), start):
+                    self._row[i] = r
+                    self.metadata[i] = m
+                self.info["count"] = len(self.ids)
 
     # ------------------------------------------------------------------------------- queries
     def __len__(self) -> int:
@@ -268,8 +277,8 @@ class GalleryIndex:
             return [[] for _ in range(q.shape[0])]
         fetch = min(n, k + len(excluded))
         with self._lock:
-            _faiss_threads(q.shape[0])
-            scores, labels = self._index.search(q, fetch)
+            with _faiss_threads(q.shape[0]):
+                scores, labels = self._index.search(q, fetch)
         out = []
         for srow, lrow in zip(scores, labels, strict=True):
             hits = []

@@ -18,3 +18,5 @@ isearle train-phi "${M[@]}" --oti "$RUN/oti" --phrases "$RUN/phrases.json" --epo
 for m in image text image+text oti phi; do
   isearle eval "${M[@]}" --benchmark shapes --split test --method "$m" --json "$RUN/eval_${m/+/_}.json"
 done
+python -m isearle.demo build-gallery     # the demo's gallery_index/ from ShapesCIR and the tiny CLIP
+python -m isearle.demo make-examples     # assets/examples.json from the val split
