@@ -46,6 +46,18 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def cpu_quota() -> int:
+    """CPUs this process may use (cgroup cpu.max when set, else os.cpu_count())."""
+    quota = os.cpu_count() or 1
+    try:
+        max_us, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if max_us != "max":
+            quota = max(1, min(quota, int(int(max_us) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return quota
+
+
 def hub_offline() -> bool:
     """True when the Hugging Face hub must not be contacted."""
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")

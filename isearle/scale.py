@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from isearle.backbone import BUNDLED_WEIGHTS, Backbone, load_backbone
+from isearle.backbone import BUNDLED_WEIGHTS, Backbone, cpu_quota, load_backbone
 from isearle.index import GalleryIndex, IndexConfig, backbone_info, check_backbone
 from isearle.oti import OTIConfig, PhraseTask, invert, load_tokens, phrase_tasks
 
@@ -43,18 +43,6 @@ def _ray():
     except ImportError as err:  # an optional dependency: say how to get it
         raise ImportError('--ray needs Ray Data: pip install "ray[data]" (or pip install -e ".[ray]")') from err
     return ray
-
-
-def cpu_quota() -> int:
-    """CPUs this process may use (cgroup cpu.max when set, else os.cpu_count())."""
-    quota = os.cpu_count() or 1
-    try:
-        max_us, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if max_us != "max":
-            quota = max(1, min(quota, int(int(max_us) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return quota
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:

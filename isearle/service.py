@@ -7,13 +7,19 @@ official SEARLE for OpenAI ViT-B/32 and ViT-L/14), and the concept bank used by 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from isearle.backbone import ASSETS_DIR, QUICKGELU_ALIASES, Backbone, WeightsUnavailable, load_backbone
+from isearle.backbone import (
+    ASSETS_DIR,
+    QUICKGELU_ALIASES,
+    Backbone,
+    WeightsUnavailable,
+    cpu_quota,
+    load_backbone,
+)
 from isearle.phi import Phi, load_phi
 from isearle.retrieval import Retriever
 
@@ -27,13 +33,7 @@ DEFAULT_PHI = {
 
 def set_threads() -> int:
     """torch threads = the real CPU quota (cgroup cpu.max), faiss single-threaded for one query."""
-    quota = os.cpu_count() or 1
-    try:
-        max_us, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if max_us != "max":
-            quota = max(1, min(quota, int(int(max_us) / int(period))))
-    except (OSError, ValueError):
-        pass
+    quota = cpu_quota()
     torch.set_num_threads(quota)
     try:
         import faiss

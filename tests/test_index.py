@@ -165,8 +165,10 @@ def test_cli_index_then_query_service(tmp_path):
     out = tmp_path / "gallery"
     args = ["index", "--images", str(tmp_path / "images"), "--model", "isearle-tiny-test", "--pretrained", "none",
             "--out", str(out), "--num-workers", "0", "--batch-size", "3"]
+    torch.manual_seed(0)  # random init: the service must rebuild the same random model as `index`
     assert main(args) == 0
     assert main([*args, "--append"]) == 1  # the same ids again: refused, the saved index is unchanged
+    torch.manual_seed(0)
     service = load_service(out)
     assert len(service.index) == 4 and service.index.ids[0] == "sub/blue.jpg"
     hits = service.retriever.query(Image.open(folder / "red.jpg"), "is blue", k=2, method="image")
