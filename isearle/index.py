@@ -461,6 +461,21 @@ def backbone_info(backbone: Backbone) -> dict[str, Any]:
     return {"model": backbone.name, "pretrained": backbone.pretrained, "embed_dim": backbone.embed_dim}
 
 
+def _items_and_index(backbone: Backbone, images: Iterable, index: GalleryIndex | None,
+                     config: IndexConfig | None) -> tuple[list, GalleryIndex]:
+    """The (id, source, metadata) items and the index they go into: a new one, or one of the same
+    backbone that holds none of their ids yet."""
+    items = _prepare_items(images)
+    if index is None:
+        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
+    else:
+        check_backbone(index.info, backbone)
+    known = [i for i, _, _ in items if i in index]
+    if known:
+        raise ValueError(f"id {known[0]!r} is already in the index ({len(known)} known ids)")
+    return items, index
+
+
 def build_gallery_index(
     backbone: Backbone,
     images: Iterable[tuple[Any, ImageSource, Mapping[str, Any] | None]],
@@ -478,14 +493,7 @@ def build_gallery_index(
     skipped with a warning and listed in `info["skipped"]`. `thumbnails` is the index folder under
     which `thumbs/` receives JPEGs for items without a file path (their metadata gets "thumbnail").
     """
-    items = _prepare_items(images)
-    if index is None:
-        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
-    else:
-        check_backbone(index.info, backbone)
-    known = [i for i, _, _ in items if i in index]
-    if known:
-        raise ValueError(f"id {known[0]!r} is already in the index ({len(known)} known ids)")
+    items, index = _items_and_index(backbone, images, index, config)
     thumb_dir = None
     if thumbnails is not None:
         thumb_dir = Path(thumbnails) / "thumbs"

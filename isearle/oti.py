@@ -263,6 +263,50 @@ def load_tokens(out_dir: str | Path) -> tuple[list[str], torch.Tensor]:
     return ids, torch.cat(tokens)
 
 
+def prepare_run(
+    backbone: Backbone,
+    ids: Sequence[str],
+    out_dir: str | Path,
+    extract: Callable[[], torch.Tensor],
+    config: OTIConfig,
+    concepts: object | None = None,
+    phrase_bank: Mapping[str, Sequence[str]] | None = None,
+    init_phi: torch.nn.Module | None = None,
+    store_top_k: int = 150,
+) -> tuple[torch.Tensor, list[PhraseTask] | None, torch.Tensor | None]:
+    """What a dataset-scale OTI run needs before its batches: (features, phrase tasks, warm start).
+
+    Writes features.safetensors (ids + un-normalised image features, from `extract()` unless a
+    run over the same images is being resumed) and concepts.json (the top `store_top_k` concept
+    names per image, what phi training reads next). Shared by the local and the Ray paths.
+    """
+    from safetensors import safe_open
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    feat_path = out / "features.safetensors"
+    if feat_path.is_file():  # resuming: the stored features must be of the same images
+        with safe_open(str(feat_path), "pt") as f:
+            stored = json.loads(f.metadata()["ids"])
+        if stored != list(ids):
+            raise ValueError(f"{out} holds an OTI run over other images: use a new --out folder")
+        features = load_file(str(feat_path))["features"]
+    else:
+        features = extract()
+        save_file({"features": features.contiguous()}, str(feat_path), metadata={"ids": json.dumps(list(ids))})
+    tasks = None
+    if concepts is not None:
+        names = concepts.top_names(features, store_top_k)
+        (out / "concepts.json").write_text(json.dumps(dict(zip(ids, names, strict=True))))
+        if phrase_bank is not None:
+            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
+    init = None
+    if init_phi is not None:
+        with torch.inference_mode():
+            init = init_phi(features.to(backbone.device)).cpu()
+    return features, tasks, init
+
+
 def invert_images(
     backbone: Backbone,
     ids: Sequence[str],
@@ -276,39 +320,14 @@ def invert_images(
     batch_size: int = 64,
     progress: bool = True,
 ) -> tuple[list[str], torch.Tensor]:
-    """The dataset-scale OTI run: features, top concepts, then resumable OTI, all kept in `out_dir`.
-
-    Writes features.safetensors (ids + un-normalised image features) and concepts.json (the top
-    `store_top_k` concept names per image, what phi training reads next) before the OTI shards.
-    """
+    """The dataset-scale OTI run: features, top concepts, then resumable OTI, all kept in `out_dir`."""
     from isearle.images import extract_features
 
     config = config or OTIConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    feat_path = out / "features.safetensors"
-    if feat_path.is_file():  # resuming: the stored features must be of the same images
-        from safetensors import safe_open
-
-        with safe_open(str(feat_path), "pt") as f:
-            stored = json.loads(f.metadata()["ids"])
-        if stored != list(ids):
-            raise ValueError(f"{out} holds an OTI run over other images: use a new --out folder")
-        features = load_file(str(feat_path))["features"]
-    else:
-        features = extract_features(backbone, items, batch_size=batch_size, progress=progress)
-        save_file({"features": features.contiguous()}, str(feat_path), metadata={"ids": json.dumps(list(ids))})
-    tasks = None
-    if concepts is not None:
-        names = concepts.top_names(features, store_top_k)
-        (out / "concepts.json").write_text(json.dumps(dict(zip(ids, names, strict=True))))
-        if phrase_bank is not None:
-            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
-    init = None
-    if init_phi is not None:
-        with torch.inference_mode():
-            init = init_phi(features.to(backbone.device)).cpu()
-    return invert_dataset(backbone, ids, features, out, config, tasks, init, progress)
+    features, tasks, init = prepare_run(
+        backbone, ids, out_dir, lambda: extract_features(backbone, items, batch_size=batch_size, progress=progress),
+        config, concepts, phrase_bank, init_phi, store_top_k)
+    return invert_dataset(backbone, ids, features, out_dir, config, tasks, init, progress)
 
 
 def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[list[str]] | None]:

@@ -27,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from isearle.backbone import BUNDLED_WEIGHTS, Backbone, cpu_quota, load_backbone
-from isearle.index import GalleryIndex, IndexConfig, backbone_info, check_backbone
-from isearle.oti import OTIConfig, PhraseTask, invert, load_tokens, phrase_tasks
+from isearle.index import GalleryIndex, IndexConfig
+from isearle.oti import OTIConfig, invert, load_tokens, prepare_run
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 
@@ -231,16 +231,9 @@ def ray_build_gallery_index(
     Thumbnails (for items without a file) are encoded on the workers and written by the driver, so
     a cluster needs no shared filesystem.
     """
-    from isearle.index import _prepare_items
+    from isearle.index import _items_and_index
 
-    items = _prepare_items(images)
-    if index is None:
-        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
-    else:
-        check_backbone(index.info, backbone)
-    known = [i for i, _, _ in items if i in index]
-    if known:
-        raise ValueError(f"id {known[0]!r} is already in the index ({len(known)} known ids)")
+    items, index = _items_and_index(backbone, images, index, config)
     with ray_session(address, num_workers, threads):
         out = _encode(backbone, items, batch_size, True, thumbnails is not None, num_workers, threads, progress)
     thumb_dir = Path(thumbnails) / "thumbs" if thumbnails is not None else None
@@ -329,23 +322,11 @@ def ray_oti(
     out.mkdir(parents=True, exist_ok=True)
     ids = [str(i) for i in ids]
     with ray_session(address, num_workers, threads):
-        feat_path = out / "features.safetensors"
-        if feat_path.is_file():
-            features = load_file(str(feat_path))["features"]
-        else:
-            features = torch.from_numpy(_encode(backbone, items, batch_size, False, False, num_workers,
-                                                threads, progress)["features"])
-            save_file({"features": features.contiguous()}, str(feat_path), metadata={"ids": json.dumps(ids)})
-        tasks: list[PhraseTask] | None = None
-        if concepts is not None:
-            names = concepts.top_names(features, store_top_k)
-            (out / "concepts.json").write_text(json.dumps(dict(zip(ids, names, strict=True))))
-            if phrase_bank is not None:
-                tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
-        init = None
-        if init_phi is not None:
-            with torch.inference_mode():
-                init = init_phi(features.to(backbone.device)).cpu()
+        features, tasks, init = prepare_run(
+            backbone, ids, out,
+            lambda: torch.from_numpy(_encode(backbone, items, batch_size, False, False, num_workers,
+                                             threads, progress)["features"]),
+            config, concepts, phrase_bank, init_phi, store_top_k)
         (out / "config.json").write_text(json.dumps({**asdict(config), "backbone": backbone.name,
                                                      "pretrained": backbone.pretrained}, indent=1))
         bs = config.batch_size
