@@ -599,19 +599,12 @@ def _object_for(concept: str, rng: random.Random) -> tuple[ObjectSpec, set[str]]
     """A random object that the concept describes, and the attributes the concept fixes."""
     o = random_object(rng, p_pattern=0.1)
     fixed: set[str] = set()
+    vocab = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "pattern": PATTERNS}
     for w in concept.split():
-        if w in SHAPES:
-            o.shape = w
-            fixed.add("shape")
-        elif w in COLOURS:
-            o.colour = w
-            fixed.add("colour")
-        elif w in SIZES:
-            o.size = w
-            fixed.add("size")
-        elif w in PATTERNS:
-            o.pattern = w
-            fixed.add("pattern")
+        attr = next((a for a, words in vocab.items() if w in words), None)
+        if attr is not None:
+            setattr(o, attr, w)
+            fixed.add(attr)
     return o, fixed
 
 
