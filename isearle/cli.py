@@ -121,6 +121,8 @@ def add_oti_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
     p.add_argument("--gamma", type=float, default=d.gamma, help="iSEARLE noise std on text features (0: SEARLE)")
     p.add_argument("--lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
+    p.add_argument("--max-norm", type=float, default=d.max_norm,
+                   help="cap on ||S*|| in units of the mean token-embedding norm (0: no cap, SEARLE)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed (batch b uses seed + b)")
     p.add_argument("--phi", default=None, help="warm start from this phi (then fewer --steps suffice)")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
@@ -135,7 +137,7 @@ def oti_main(args: argparse.Namespace) -> int:
 
     backbone = backbone_from(args)
     config = OTIConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, gamma=args.gamma,
-                       lambda_gpt=args.lambda_gpt if args.phrases else 0.0, seed=args.seed)
+                       lambda_gpt=args.lambda_gpt if args.phrases else 0.0, max_norm=args.max_norm, seed=args.seed)
     ids, items = source_from(args, backbone.image_size)
     bank = json.loads(args.phrases.read_text()) if args.phrases else None
     phi = load_phi(args.phi, backbone.device) if args.phi else None
@@ -157,7 +159,8 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
 
     d = PhiTrainConfig()
     add_backbone_arguments(p)
-    p.add_argument("--oti", type=Path, required=True, help="folder of an `isearle oti` run (features, concepts, tokens)")
+    p.add_argument("--oti", type=Path, nargs="+", required=True,
+                   help="folder(s) of `isearle oti` runs (features, concepts, tokens); several are concatenated")
     p.add_argument("--phrases", type=Path, default=None, help="phrase JSON for the GPT loss (none: distillation only)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (paper: 100)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (paper: 256)")
@@ -166,25 +169,34 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
     p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="weight of iSEARLE's token penalty")
     p.add_argument("--reg-form", choices=["norm", "knn", "none"], default=d.reg_form, help="form of the token penalty")
+    p.add_argument("--reg-norm", type=float, default=d.reg_norm,
+                   help="'norm' penalty target in units of the mean token-embedding norm (match OTI's --max-norm)")
     p.add_argument("--no-hard-negatives", action="store_true", help="random batches (SEARLE) instead of similar images")
     p.add_argument("--seed", type=int, default=d.seed, help="seed")
     p.add_argument("--out", type=Path, required=True, help="phi checkpoint (.safetensors + .json)")
 
 
 def train_phi_main(args: argparse.Namespace) -> int:
+    import torch
+
     from isearle.oti import load_run
     from isearle.phi import save_phi
     from isearle.phi_training import PhiTrainConfig, train_phi
 
     backbone = backbone_from(args)
-    ids, features, tokens, concepts = load_run(args.oti)
+    runs = [load_run(folder) for folder in args.oti]
+    ids = [i for r in runs for i in r[0]]
+    features, tokens = torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs])
+    concepts = [c for r in runs for c in r[3]] if all(r[3] is not None for r in runs) else None
     config = PhiTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             temperature=args.temperature, lambda_gpt=args.lambda_gpt,
-                            lambda_reg=args.lambda_reg, reg_form=args.reg_form,
+                            lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
                             hard_negatives=not args.no_hard_negatives, seed=args.seed)
     bank = json.loads(args.phrases.read_text()) if args.phrases else None
     phi, history = train_phi(backbone, features, tokens, config, concepts, bank)
+    oti = json.loads((args.oti[0] / "config.json").read_text()) if (args.oti[0] / "config.json").is_file() else {}
     path = save_phi(phi, args.out, {"backbone": backbone.name, "pretrained": backbone.pretrained,
+                                    "oti": {k: oti[k] for k in ("steps", "gamma", "max_norm", "lambda_gpt") if k in oti},
                                     "train": vars(config), "final_losses": history[-1] if history else {}})
     print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}; saved {path}")
     return 0
@@ -213,8 +225,9 @@ def query_main(args: argparse.Namespace) -> int:
     service = load_service(args.gallery, model=args.model, pretrained=args.pretrained, phi=args.phi,
                            device=args.device)
     image = open_image(args.image) if args.image else None
+    settings = service.phi.oti_settings if service.phi is not None else {}
     hits = service.retriever.query(image, args.caption, args.top_k, args.method,
-                                   OTIConfig(steps=args.steps, batch_size=1))
+                                   OTIConfig(steps=args.steps, batch_size=1, **settings))
     rows = [{"id": h.id, "path": h.metadata.get("path"), "score": round(h.score, 6)} for h in hits]
     if args.json:
         print(json.dumps(rows))

@@ -41,14 +41,14 @@ class TrainConfig:
     """Settings of `train_tiny_clip` (defaults: the run that produced the bundled weights)."""
 
     model: str = MODEL_NAME
-    steps: int = 1200
+    steps: int = 4000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup: int = 60
     #: Wall-clock budget: the schedule's progress is max(step/steps, minutes/budget), so the
     #: cosine decays fully even when shared cores run slower than planned (0: steps only).
-    time_budget_min: float = 0.0
+    time_budget_min: float = 60.0
     n_scenes: int = 50_000
     seed: int = 0
     threads: int = 0
@@ -59,7 +59,10 @@ class TrainConfig:
     log_every: int = 10
     resume: bool = False
     export: str = str(EXPORT_PATH)
-    caption_weights: tuple[float, float, float, float] = (0.3, 0.15, 0.3, 0.25)
+    #: Caption forms (full, partial, clause, edit); edit captions teach "a photo of X that {edit}".
+    caption_weights: tuple[float, float, float, float] = (0.25, 0.1, 0.25, 0.4)
+    #: "bf16": CPU/GPU autocast of the forward pass (1.3x faster on AVX512-BF16 CPUs), "fp32": none.
+    precision: str = "bf16"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -209,8 +212,9 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         if hasattr(dataset, "set_step"):
             dataset.set_step(step)
         images, texts = _batch(dataset, idx)
-        img_f, txt_f, scale = model(images, tokenizer(texts))[:3]
-        loss = loss_fn(img_f, txt_f, scale)
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            img_f, txt_f, scale = model(images, tokenizer(texts))[:3]
+        loss = loss_fn(img_f.float(), txt_f.float(), scale.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -343,6 +347,10 @@ def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
                    help="minutes: the cosine schedule ends by then even if steps remain (0: off)")
     p.add_argument("--scenes", type=int, default=d.n_scenes, help="training scenes rendered into the cache")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of scenes, captions and batches")
+    p.add_argument("--caption-weights", type=float, nargs=4, default=list(d.caption_weights),
+                   metavar=("FULL", "PARTIAL", "CLAUSE", "EDIT"), help="sampling weights of the caption forms")
+    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
+                   help="autocast dtype of the training forward pass")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
     p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.pt)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
@@ -364,7 +372,8 @@ def train_clip_main(args: argparse.Namespace) -> int:
         return 0
     config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, time_budget_min=args.time_budget,
-                         n_scenes=args.scenes, seed=args.seed, threads=args.threads, out_dir=args.out_dir,
+                         n_scenes=args.scenes, seed=args.seed, caption_weights=tuple(args.caption_weights),
+                         precision=args.precision, threads=args.threads, out_dir=args.out_dir,
                          resume=args.resume, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
                          export=args.export)
     train_tiny_clip(config)

@@ -335,10 +335,28 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("ISEARLE_CACHE", Path.home() / ".cache" / "isearle")) / "features"
 
 
+@functools.lru_cache(maxsize=8)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    with open(path, "rb") as f:
+        return hashlib.blake2b(f.read(), digest_size=4).hexdigest()
+
+
+def _content_id(path: Path) -> str:
+    """8 hex digits of the file's content (cached per path, size and mtime); "missing" if absent."""
+    if not path.is_file():
+        return "missing"
+    st = path.stat()
+    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+
+
 def backbone_key(name: str, pretrained: str | None, preprocess: str = "targetpad") -> str:
     """A file-name-safe key for (backbone name, pretrained weights, preprocessing)."""
+    from isearle.backbone import ASSETS_DIR, BUNDLED_WEIGHTS
+
     tag = str(pretrained)
-    if pretrained is not None and (os.sep in tag or Path(tag).suffix):  # a local checkpoint: name + content id
+    if pretrained in BUNDLED_WEIGHTS:  # bundled weights change with retraining: name + content hash
+        tag = f"{tag}-{_content_id(ASSETS_DIR / BUNDLED_WEIGHTS[pretrained])}"
+    elif pretrained is not None and (os.sep in tag or Path(tag).suffix):  # a local checkpoint: name + file id
         p = Path(tag)
         ident = f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else tag
         tag = f"{p.stem}-{hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()}"

@@ -466,6 +466,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oti-batch-size", type=int, default=d.batch_size, help="images inverted together")
     p.add_argument("--oti-lr", type=float, default=d.lr, help="OTI learning rate")
     p.add_argument("--oti-gamma", type=float, default=d.gamma, help="iSEARLE noise std (0: SEARLE's OTI)")
+    p.add_argument("--oti-max-norm", type=float, default=d.max_norm,
+                   help="cap on ||S*|| in units of the mean token-embedding norm (0: no cap, SEARLE)")
     p.add_argument("--oti-seed", type=int, default=d.seed, help="OTI seed")
     p.add_argument("--oti-phrases", type=Path, default=None, help="phrase JSON (`isearle phrases`) for OTI's GPT loss")
     p.add_argument("--oti-vocabulary", default="openimages", help="concept vocabulary for --oti-phrases")
@@ -523,7 +525,7 @@ def eval_main(args: argparse.Namespace) -> int:
     model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
     backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
     oti = OTIConfig(steps=args.oti_steps, batch_size=args.oti_batch_size, lr=args.oti_lr, gamma=args.oti_gamma,
-                    seed=args.oti_seed)
+                    max_norm=args.oti_max_norm, seed=args.oti_seed)
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_reference]
     cache = None if args.no_cache else (args.cache_dir if args.cache_dir is not None else "default")
     result = evaluate(

@@ -51,6 +51,9 @@ class OTIConfig:
     #: std of the Gaussian noise added to the (L2-normalised) text feature before the content loss;
     #: 0 disables it (plain SEARLE). OPEN in the paper: chosen on ShapesCIR val, see README.
     gamma: float = 0.1
+    #: Cap on ||v|| as a multiple of the mean norm of the real token embeddings (v is projected
+    #: back into that ball after every step); 0: no cap (SEARLE). OPEN in the paper: see README.
+    max_norm: float = 0.0
     top_k_concepts: int = 15
     batch_size: int = 32
     seed: int = 0
@@ -171,6 +174,17 @@ class OTIObjective:
         return total / weight
 
 
+def token_norm(backbone: Backbone) -> float:
+    """Mean L2 norm of the model's real token embeddings (the scale S* is compared with)."""
+    return float(backbone.token_embedding.weight.detach().float().norm(dim=-1).mean())
+
+
+@torch.no_grad()
+def _project(v: torch.Tensor, cap: float) -> None:
+    """Scale rows of `v` whose norm exceeds `cap` back onto the sphere of radius `cap` (in place)."""
+    v.mul_((cap / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+
+
 def invert(
     backbone: Backbone,
     image_features: torch.Tensor,
@@ -196,12 +210,18 @@ def invert(
     v = torch.nn.Parameter(init.detach().clone().float().to(backbone.device))
     ema = v.detach().clone()
     optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
+    cap = config.max_norm * token_norm(backbone) if config.max_norm > 0 else None
+    if cap is not None:
+        _project(v, cap)
+        ema = v.detach().clone()
     steps = range(config.steps)
     for step in tqdm(steps, desc="OTI", leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
         loss = objective.loss(step, v)
         loss.backward()
         optimizer.step()
+        if cap is not None:
+            _project(v, cap)
         ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
         if history is not None:
             history.append(float(loss.detach()))

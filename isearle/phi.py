@@ -43,6 +43,9 @@ class Phi(nn.Module):
     def __init__(self, config: PhiConfig) -> None:
         super().__init__()
         self.config = config
+        #: OTI settings that made the distillation targets (e.g. {"max_norm": 2.0}); OTI warm-started
+        #: from this phi should use them too. Empty when unknown (official checkpoints: SEARLE's OTI).
+        self.oti_settings: dict = {}
         self.layers = nn.Sequential(
             nn.Linear(config.input_dim, config.hidden_dim),
             nn.GELU(),
@@ -110,9 +113,10 @@ def load_phi(spec: str | Path, device: str | torch.device = "cpu") -> Phi:
         if not path.is_file():
             raise WeightsUnavailable(f"phi checkpoint {path} not found: train one with `isearle train-phi`")
         if path.suffix == ".safetensors":
-            cfg = json.loads(path.with_suffix(".json").read_text())["phi"]
-            phi = Phi(PhiConfig(**cfg))
+            info = json.loads(path.with_suffix(".json").read_text())
+            phi = Phi(PhiConfig(**info["phi"]))
             phi.load_state_dict(load_file(str(path)))
+            phi.oti_settings = {k: v for k, v in info.get("oti", {}).items() if k in ("max_norm", "gamma")}
         else:
             phi = load_official_searle(path)
     return phi.to(device).eval().requires_grad_(False)

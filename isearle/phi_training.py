@@ -43,6 +43,8 @@ class PhiTrainConfig:
     lambda_reg: float = 0.1
     reg_form: str = "norm"  # "norm" | "knn" | "none"
     reg_knn: int = 8
+    #: "norm" form: target norm in units of the mean real-token norm (match OTI's `max_norm` when capped).
+    reg_norm: float = 1.0
     hard_negatives: bool = True
     top_k_concepts: int = 150
     dropout: float = 0.5
@@ -59,12 +61,13 @@ def nt_xent(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.25)
     return F.cross_entropy(sims, labels)
 
 
-def token_penalty(pred: torch.Tensor, vocab: torch.Tensor, form: str, k: int = 8) -> torch.Tensor:
+def token_penalty(pred: torch.Tensor, vocab: torch.Tensor, form: str, k: int = 8,
+                  target_norm: float = 1.0) -> torch.Tensor:
     """iSEARLE's regulariser pulling predicted tokens towards the region of real token embeddings."""
     if form == "none":
         return pred.new_zeros(())
     if form == "norm":
-        mean_norm = vocab.norm(dim=-1).mean()
+        mean_norm = vocab.norm(dim=-1).mean() * target_norm
         return ((pred.norm(dim=-1) / mean_norm - 1) ** 2).mean()
     if form == "knn":
         sims = F.normalize(pred, dim=-1) @ F.normalize(vocab, dim=-1).T
@@ -146,7 +149,7 @@ def train_phi(
             gpt = None if tasks is None else _gpt_loss(backbone, pred, [tasks[i] for i in idx], rng, cache)
             if gpt is not None:
                 loss = loss + config.lambda_gpt * gpt
-            reg = token_penalty(pred, vocab, config.reg_form, config.reg_knn)
+            reg = token_penalty(pred, vocab, config.reg_form, config.reg_knn, config.reg_norm)
             loss = loss + config.lambda_reg * reg
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -22,6 +22,7 @@ from isearle.oti import (
     load_tokens,
     phrase_tasks,
     replace_concept,
+    token_norm,
 )
 from isearle.pseudo_word import encode_with_pseudo_tokens, normalize_prompt
 
@@ -99,6 +100,19 @@ def test_oti_warm_start_is_used(tiny):
     assert (warm - init).norm() < (cold - init).norm()
     assert not torch.allclose(warm, cold)
 
+
+
+def test_oti_norm_cap_keeps_tokens_in_the_ball(tiny):
+    """max_norm c keeps every S* within c x the mean token-embedding norm; 0 (SEARLE) does not cap."""
+    feats = _features(4, tiny.embed_dim)
+    cap = 0.5 * token_norm(tiny)
+    free = invert(tiny, feats, OTIConfig(steps=30, lr=0.1))
+    capped = invert(tiny, feats, OTIConfig(steps=30, lr=0.1, max_norm=0.5))
+    assert free.norm(dim=-1).max() > cap  # the cap binds in this setting ...
+    assert capped.norm(dim=-1).max() <= cap * (1 + 1e-5)  # ... and holds
+    history: list[float] = []
+    invert(tiny, feats, OTIConfig(steps=40, max_norm=0.5), history=history)
+    assert statistics.mean(history[-10:]) < statistics.mean(history[:10])  # still optimises
 
 
 def test_oti_returns_the_ema_of_adamw_iterates(tiny):
@@ -189,7 +203,7 @@ def test_objective_without_phrases_is_content_only(tiny):
 def test_default_config_is_searle():
     cfg = OTIConfig()
     assert (cfg.steps, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.init_std) == (350, 2e-2, 0.01, 0.99, 0.02)
-    assert (cfg.lambda_content, cfg.lambda_gpt, cfg.top_k_concepts) == (1.0, 0.5, 15)
+    assert (cfg.lambda_content, cfg.lambda_gpt, cfg.top_k_concepts, cfg.max_norm) == (1.0, 0.5, 15, 0.0)
     assert all(normalize_prompt(t).split().count("$") == 1 for t in TEMPLATES)
 
 
