@@ -135,6 +135,11 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
     meta = json.loads(phi_path.with_suffix(".json").read_text())
     assert meta["backbone"] == "isearle-tiny-test" and meta["train"]["epochs"] == 2
     assert meta["final_losses"]["gpt"] > 0  # the phrases were used
+    assert meta["oti"]["steps"] == 5 and meta["oti"]["max_norm"] == 0.0  # the targets' OTI settings
+    capsys.readouterr()
+    assert main(["train-phi", *TINY, "--oti", str(out), str(out), "--epochs", "1", "--batch-size", "4",
+                 "--out", str(tmp_path / "phi2.safetensors")]) == 0  # several runs are concatenated
+    assert "phi trained on 12 images" in capsys.readouterr().out
     phi = load_phi(phi_path)
     with torch.no_grad():
         pred = phi(features)

@@ -181,6 +181,14 @@ def test_save_and_load_phi_round_trip(tiny, tmp_path):
 
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["backbone"] == tiny.name and meta["phi"]["output_dim"] == tiny.token_width
+    assert loaded.oti_settings == {}  # no record: SEARLE's OTI
+
+
+def test_phi_carries_the_oti_settings_of_its_targets(tiny, tmp_path):
+    """OTI warm-started from phi (demo, `isearle query`) reuses the cap/noise phi was distilled under."""
+    phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width)
+    path = save_phi(phi, tmp_path / "phi.safetensors", {"oti": {"steps": 350, "gamma": 0.2, "max_norm": 2.0}})
+    assert load_phi(path).oti_settings == {"gamma": 0.2, "max_norm": 2.0}
 
 
 def test_official_checkpoint_layout_round_trips(tmp_path, monkeypatch):
