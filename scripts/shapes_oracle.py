@@ -1,8 +1,10 @@
 """ShapesCIR diagnostic: how far a perfect pseudo-word could go with the bundled tiny CLIP.
 
 "oracle" replaces S* by a written description of the reference ("a photo of {description} that
-{caption}"); image+text is computed the same way as `isearle eval`, as a check of this script's
-scoring. Usage: python scripts/shapes_oracle.py [--split val] [--pretrained isearle-shapes]
+{caption}"); "text-target OTI" inverts the description's *text* feature into one token (OTI with
+no modality gap to bridge), "image-target OTI" the image feature (OTI proper; both gamma 0, norm
+cap 2). image+text is computed as `isearle eval` does, a check of this script's scoring.
+Usage: python scripts/shapes_oracle.py [--split val] [--pretrained isearle-shapes]
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from isearle.backbone import load_backbone
+from isearle.oti import OTIConfig, invert
+from isearle.pseudo_word import encode_tokens, tokenize_prompts
 from isearle.shapes.benchmark import load_benchmark, render_image
 from isearle.shapes.world import describe
 
@@ -59,6 +63,13 @@ def main() -> None:
     print(f"ShapesCIR {args.split} ({len(rows)} queries), R@1 / mAP@10")
     print("oracle (description + caption):", *score(q_oracle, g, rows, row))
     print("image+text:                    ", *score(q_sum, g, rows, row))
+    prompts = tokenize_prompts(bb, [f"a photo of $ that {a['relative_caption']}" for a in rows])
+    descriptions = bb.encode_texts([t.split(" that ")[0] for t in oracle]).float()
+    for name, target in (("text-target OTI", descriptions), ("image-target OTI", g[[row[a["reference_img_id"]] for a in rows]])):
+        with torch.enable_grad():
+            tokens = invert(bb, target, OTIConfig(batch_size=len(rows), gamma=0.0, max_norm=2.0))
+        q = F.normalize(encode_tokens(bb, prompts, tokens).float(), dim=-1)
+        print(f"{name + ':':31s}", *score(q, g, rows, row))
 
 
 if __name__ == "__main__":
