@@ -4,7 +4,7 @@
 {caption}"); "text-target OTI" inverts the description's *text* feature into one token (OTI with
 no modality gap to bridge), "image-target OTI" the image feature (OTI proper; both gamma 0, norm
 cap 2). image+text is computed as `isearle eval` does, a check of this script's scoring.
-Usage: python scripts/shapes_oracle.py [--split val] [--pretrained isearle-shapes]
+Usage: python scripts/shapes_oracle.py [--split val] [--model isearle-shapes] [--pretrained isearle-shapes]
 """
 
 from __future__ import annotations
@@ -45,9 +45,10 @@ def score(queries: torch.Tensor, gallery: torch.Tensor, rows: list[dict], row: d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--split", default="val")
-    p.add_argument("--pretrained", default="isearle-shapes")
+    p.add_argument("--model", default="isearle-shapes", help="open_clip model name")
+    p.add_argument("--pretrained", default="isearle-shapes", help="weights tag or a .safetensors path")
     args = p.parse_args()
-    bb = load_backbone("isearle-shapes", args.pretrained, device="cpu")
+    bb = load_backbone(args.model, args.pretrained, device="cpu")
     rows, gallery = load_benchmark(split=args.split)
     ids = list(gallery)
     row = {i: k for k, i in enumerate(ids)}
