@@ -208,12 +208,11 @@ def invert(
         gen = torch.Generator().manual_seed(config.seed)
         init = torch.randn(n, backbone.token_width, generator=gen) * config.init_std
     v = torch.nn.Parameter(init.detach().clone().float().to(backbone.device))
-    ema = v.detach().clone()
-    optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
     cap = config.max_norm * token_norm(backbone) if config.max_norm > 0 else None
     if cap is not None:
         _project(v, cap)
-        ema = v.detach().clone()
+    ema = v.detach().clone()
+    optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
     steps = range(config.steps)
     for step in tqdm(steps, desc="OTI", leave=False, disable=not progress):
         optimizer.zero_grad(set_to_none=True)
