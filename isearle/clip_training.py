@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from isearle.backbone import ASSETS_DIR, REPO_DIR, Backbone, build_preprocess, register_model_configs
+from isearle.pseudo_word import encode_tokens
 
 MODEL_NAME = "isearle-shapes"
 EXPORT_PATH = ASSETS_DIR / "models" / "isearle-shapes.safetensors"
@@ -63,6 +64,9 @@ class TrainConfig:
     caption_weights: tuple[float, float, float, float] = (0.25, 0.1, 0.25, 0.4)
     #: "bf16": CPU/GPU autocast of the forward pass (1.3x faster on AVX512-BF16 CPUs), "fp32": none.
     precision: str = "bf16"
+    #: Share of captions whose subject is one composite word "$" fed as the mean of its words'
+    #: embeddings, so that one token can stand for a scene (README: the offline world; 0: off).
+    composite: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -94,10 +98,15 @@ def render_cache(specs: Sequence, size: int, progress: bool = True) -> np.ndarra
 
 
 class ShapesCaptions(Dataset):
-    """Pre-rendered shapes scenes; each access draws a caption from the grammar, seeded by (seed, step, index)."""
+    """Pre-rendered shapes scenes; each access draws a caption from the grammar, seeded by (seed, step, index).
+
+    With `composite` > 0, that share of captions holds one composite word "$" (see
+    `world.composite_caption`); its description comes with the caption and the trainer feeds it as one vector.
+    """
 
     def __init__(self, n: int, seed: int, size: int, context_length: int,
-                 caption_weights: Sequence[float] = (0.3, 0.15, 0.3, 0.25), progress: bool = True) -> None:
+                 caption_weights: Sequence[float] = (0.3, 0.15, 0.3, 0.25), progress: bool = True,
+                 composite: float = 0.0) -> None:
         from isearle.shapes.world import scene_specs
 
         self.specs = scene_specs(n, seed)
@@ -105,6 +114,7 @@ class ShapesCaptions(Dataset):
         self.seed, self.step = seed, 0
         self.context_length = context_length
         self.caption_weights = tuple(caption_weights)
+        self.composite = composite
         self._bpe = open_clip.tokenizer.SimpleTokenizer()  # the BPE of every open_clip CLIP config
 
     def __len__(self) -> int:
@@ -116,29 +126,47 @@ class ShapesCaptions(Dataset):
     def _fits(self, text: str) -> bool:
         return self._bpe is None or len(self._bpe.encode(text)) + 2 <= self.context_length
 
-    def caption(self, i: int) -> str:
-        from isearle.shapes.world import caption
+    def caption(self, i: int) -> tuple[str, str]:
+        """(caption, the description its composite word "$" stands for, or "" when it has none)."""
+        from isearle.shapes.world import caption, composite_caption
 
         rng = random.Random((self.seed * 100_003 + self.step) * 1_000_003 + i)
+        if self.composite and rng.random() < self.composite:
+            for _ in range(8):
+                text, subject = composite_caption(self.specs[i], rng)
+                if self._fits(text) and self._fits(subject):
+                    return text, subject
         for _ in range(8):  # a caption cut by the context would state a different scene
             text = caption(self.specs[i], rng, self.caption_weights)
             if self._fits(text):
-                return text
-        return "a photo of " + " and ".join(f"a {o.colour} {o.shape}" for o in self.specs[i].objects)
+                return text, ""
+        return "a photo of " + " and ".join(f"a {o.colour} {o.shape}" for o in self.specs[i].objects), ""
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, str]:
-        return self.images[i], self.caption(i)
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str, str]:
+        return self.images[i], *self.caption(i)
 
-    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
-        return to_pixels(self.images[np.asarray(indices)]), [self.caption(int(i)) for i in indices]
+    def batch(self, indices: Sequence[int]) -> tuple[torch.Tensor, list[str], list[str]]:
+        texts, subjects = zip(*(self.caption(int(i)) for i in indices), strict=True)
+        return to_pixels(self.images[np.asarray(indices)]), list(texts), list(subjects)
 
 
-def _batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, list[str]]:
+def _batch(dataset: Dataset, indices: Sequence[int]) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(images, captions, composite descriptions) of a batch; "" where a caption has no "$"."""
     if hasattr(dataset, "batch"):
         return dataset.batch(indices)
     items = [dataset[int(i)] for i in indices]
-    images = [torch.as_tensor(im) for im, _ in items]
-    return torch.stack(images), [c for _, c in items]
+    images = torch.stack([torch.as_tensor(item[0]) for item in items])
+    return images, [item[1] for item in items], [item[2] if len(item) > 2 else "" for item in items]
+
+
+def composite_words(token_embedding: torch.nn.Embedding, ids: torch.Tensor, sot_id: int) -> torch.Tensor:
+    """[B, width]: the mean input embedding of each row's words (start/end/padding left out; 0 for none).
+
+    One vector that carries every word of a description, the input the text tower learns to read as
+    a composite word; SOT and EOT are the two largest ids of CLIP's BPE, padding is 0.
+    """
+    keep = ((ids > 0) & (ids < sot_id)).unsqueeze(-1).to(token_embedding.weight.dtype)
+    return (token_embedding(ids) * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
 
 
 # -------------------------------------------------------------------------------- training
@@ -188,6 +216,7 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
+    text_backbone = backbone_from_model(model, config.model)  # the text path of the query (exact, shorter)
     meta: dict[str, Any] = {"step": 0, "minutes": 0.0, "history": [], "config": asdict(config)}
     if config.resume and ckpt.is_file():
         meta = load_checkpoint(ckpt, model, optimizer)
@@ -211,10 +240,13 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         idx = torch.randint(len(dataset), (config.batch_size,), generator=gen).tolist()
         if hasattr(dataset, "set_step"):
             dataset.set_step(step)
-        images, texts = _batch(dataset, idx)
+        images, texts, subjects = _batch(dataset, idx)
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
-            img_f, txt_f, scale = model(images, tokenizer(texts))[:3]
-        loss = loss_fn(img_f.float(), txt_f.float(), scale.float())
+            img_f = model.encode_image(images, normalize=True)
+            words = composite_words(model.token_embedding, tokenizer(subjects), tokenizer.sot_token_id) \
+                if any(subjects) else None
+            txt_f = torch.nn.functional.normalize(encode_tokens(text_backbone, tokenizer(texts), words), dim=-1)
+        loss = loss_fn(img_f.float(), txt_f.float(), model.logit_scale.exp().float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -314,7 +346,8 @@ def train_tiny_clip(config: TrainConfig, progress: bool = True) -> Path:
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
     ctx = model.positional_embedding.shape[0]
     t = time.time()
-    data = ShapesCaptions(config.n_scenes, config.seed, size, ctx, config.caption_weights, progress)
+    data = ShapesCaptions(config.n_scenes, config.seed, size, ctx, config.caption_weights, progress,
+                          composite=config.composite)
     print(f"rendered {len(data)} training scenes in {time.time() - t:.0f} s; {threads} threads", flush=True)
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
@@ -349,6 +382,8 @@ def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed, help="seed of scenes, captions and batches")
     p.add_argument("--caption-weights", type=float, nargs=4, default=list(d.caption_weights),
                    metavar=("FULL", "PARTIAL", "CLAUSE", "EDIT"), help="sampling weights of the caption forms")
+    p.add_argument("--composite", type=float, default=d.composite,
+                   help="share of captions with one composite word standing for a description (0: off)")
     p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
                    help="autocast dtype of the training forward pass")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
@@ -373,7 +408,7 @@ def train_clip_main(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
                          weight_decay=args.weight_decay, warmup=args.warmup, time_budget_min=args.time_budget,
                          n_scenes=args.scenes, seed=args.seed, caption_weights=tuple(args.caption_weights),
-                         precision=args.precision, threads=args.threads, out_dir=args.out_dir,
+                         precision=args.precision, composite=args.composite, threads=args.threads, out_dir=args.out_dir,
                          resume=args.resume, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
                          export=args.export)
     train_tiny_clip(config)

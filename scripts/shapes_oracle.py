@@ -1,7 +1,8 @@
 """ShapesCIR diagnostic: how far a perfect pseudo-word could go with the bundled tiny CLIP.
 
 "oracle" replaces S* by a written description of the reference ("a photo of {description} that
-{caption}"); "text-target OTI" inverts the description's *text* feature into one token (OTI with
+{caption}"); "composite word" by one vector, the mean of the description's word embeddings (the
+input the trainer's --composite teaches the text tower to read); "text-target OTI" inverts the description's *text* feature into one token (OTI with
 no modality gap to bridge), "image-target OTI" the image feature (OTI proper; both gamma 0, norm
 cap 2). image+text is computed as `isearle eval` does, a check of this script's scoring.
 Usage: python scripts/shapes_oracle.py [--split val] [--model isearle-shapes] [--pretrained isearle-shapes]
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from isearle.backbone import load_backbone
+from isearle.clip_training import composite_words
 from isearle.oti import OTIConfig, invert
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 from isearle.shapes.benchmark import load_benchmark, render_image
@@ -65,7 +67,11 @@ def main() -> None:
     print("oracle (description + caption):", *score(q_oracle, g, rows, row))
     print("image+text:                    ", *score(q_sum, g, rows, row))
     prompts = tokenize_prompts(bb, [f"a photo of $ that {a['relative_caption']}" for a in rows])
-    descriptions = bb.encode_texts([t.split(" that ")[0] for t in oracle]).float()
+    written = [t.split(" that ")[0].removeprefix("a photo of ") for t in oracle]
+    words = composite_words(bb.token_embedding, bb.tokenize(written), bb.tokenizer.sot_token_id)
+    print("composite word (mean of words):", *score(F.normalize(encode_tokens(bb, prompts, words).float(), dim=-1),
+                                                     g, rows, row))
+    descriptions = bb.encode_texts(["a photo of " + t for t in written]).float()
     for name, target in (("text-target OTI", descriptions), ("image-target OTI", g[[row[a["reference_img_id"]] for a in rows]])):
         with torch.enable_grad():
             tokens = invert(bb, target, OTIConfig(batch_size=len(rows), gamma=0.0, max_norm=2.0))

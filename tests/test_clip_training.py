@@ -11,6 +11,7 @@ from isearle.clip_training import (
     ShapesCaptions,
     TrainConfig,
     backbone_from_model,
+    composite_words,
     evaluate_zero_shot,
     export_weights,
     load_exported,
@@ -22,7 +23,7 @@ NAME = "isearle-tiny-test"
 
 @pytest.fixture(scope="module")
 def data() -> ShapesCaptions:
-    return ShapesCaptions(48, seed=1, size=32, context_length=77, progress=False)
+    return ShapesCaptions(48, seed=1, size=32, context_length=77, progress=False, composite=0.3)
 
 
 def _model() -> torch.nn.Module:
@@ -53,3 +54,22 @@ def test_export_roundtrip_and_zero_shot(tmp_path) -> None:
         assert torch.allclose(a.float(), b.float(), atol=1e-2, rtol=1e-2), k
     r = evaluate_zero_shot(backbone_from_model(model, NAME), n=40, seed=3)
     assert set(r) == {"full", "full_strict", "clause", "edit"} and all(0 <= v <= 1 for v in r.values())
+
+
+def test_composite_captions_hold_one_placeholder() -> None:
+    data = ShapesCaptions(20, seed=2, size=32, context_length=77, progress=False, composite=1.0)
+    for i in range(len(data)):
+        text, subject = data.caption(i)
+        assert text.split().count("$") == 1 and text.startswith("a photo of $") and subject, (text, subject)
+    plain = ShapesCaptions(20, seed=2, size=32, context_length=77, progress=False)
+    assert all(s == "" and "$" not in t for t, s in (plain.caption(i) for i in range(20)))
+
+
+def test_composite_word_is_the_mean_of_its_words() -> None:
+    model, tok = _model(), open_clip.get_tokenizer(NAME)
+    ids = tok(["a red circle", ""])
+    emb = model.token_embedding
+    words = composite_words(emb, ids, tok.sot_token_id)
+    expected = emb(ids[0, 1:4]).mean(dim=0)  # [SOT, a, red, circle, EOT, 0, ...]
+    assert int(ids[0, 4]) == tok.eot_token_id
+    assert torch.allclose(words[0], expected, atol=1e-6) and torch.count_nonzero(words[1]) == 0

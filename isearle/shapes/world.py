@@ -571,8 +571,8 @@ def invert_changes(source: SceneSpec, changes: Sequence[dict[str, Any]]) -> list
     return list(reversed(out))
 
 
-def edit_caption(spec: SceneSpec, rng: random.Random) -> str:
-    """A caption of `spec` as an edit of another scene: "a photo of {other scene} that {edit}"."""
+def _edit_parts(spec: SceneSpec, rng: random.Random) -> tuple[str, SceneSpec, list[dict[str, Any]]]:
+    """(description of another scene, that scene, the changes that lead from it to `spec`)."""
     etype = rng.choice(EDIT_TYPES)  # the edit that leads to `spec`
     if etype == "add" and len(spec.objects) < 2 or etype == "remove" and len(spec.objects) >= MAX_OBJECTS:
         etype = rng.choice(ATTRIBUTE_EDITS)
@@ -581,8 +581,27 @@ def edit_caption(spec: SceneSpec, rng: random.Random) -> str:
     back = invert_changes(spec, changes)
     subject = describe(other, rng, p_background=0.7) if rng.random() < 0.8 else noun_phrase(
         other.objects[0], rng, _random_attrs(rng, 2))
+    return subject, other, back
+
+
+def edit_caption(spec: SceneSpec, rng: random.Random) -> str:
+    """A caption of `spec` as an edit of another scene: "a photo of {other scene} that {edit}"."""
+    subject, other, back = _edit_parts(spec, rng)
     lead = rng.choice(("a photo of ", "a photo of ", "an image of ", ""))
     return f"{lead}{subject} that {relative_caption(other, back, rng)}"
+
+
+def composite_caption(spec: SceneSpec, rng: random.Random) -> tuple[str, str]:
+    """(caption with one composite word "$", the description "$" stands for).
+
+    The caption is "a photo of $" ($: this scene) or "a photo of $ that {edit}" ($: another scene).
+    The trainer gives "$" to the text tower as one input vector, so that one token can stand for a
+    whole scene, as "zebra" stands for a striped horse in real CLIP's vocabulary (README: the offline world).
+    """
+    if rng.random() < 0.5:
+        return "a photo of $", describe(spec, rng)
+    subject, other, back = _edit_parts(spec, rng)
+    return f"a photo of $ that {relative_caption(other, back, rng)}", subject
 
 
 # ---------------------------------------------------------------------- concepts and phrases
