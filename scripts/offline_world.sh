@@ -9,13 +9,14 @@ M=(--model isearle-shapes --pretrained isearle-shapes)
 RUN=${RUN:-runs}
 
 isearle build-shapes --out assets/shapescir --seed 0
-# 60 min on 2 CPU cores (the cosine schedule follows the time budget); --resume continues a stopped run
-isearle train-clip --out-dir "$RUN/clip" --resume --threads 2 --time-budget 60 --steps 4000 \
+# 60 min on 2 CPU cores (the cosine schedule follows the time budget); --resume continues a stopped run;
+# 30 % of captions use a composite word "$" (README: the offline world)
+isearle train-clip --out-dir "$RUN/clip" --resume --threads 2 --time-budget 60 --steps 4000 --composite 0.3 \
   --export assets/models/isearle-shapes.safetensors
 # the grammar's phrases (the GPT-Neo role): used by the GPT-loss ablation (--phrases), not by the shipped run
 isearle phrases --vocabulary shapes --generator offline --samples 32 --out "$RUN/phrases.json"
 # OTI over 4,096 unlabeled scenes, content loss only (the grammar's phrases hurt here: README), S* norm cap 2;
-# two single-threaded processes side by side use 2 cores best (9 min each)
+# two single-threaded processes side by side use 2 cores best (7 min each)
 for seed in 7000 7001; do
   OMP_NUM_THREADS=1 isearle oti "${M[@]}" --shapes 2048 --shapes-seed $seed --vocabulary shapes \
     --batch-size 256 --max-norm 2 --out "$RUN/oti_$seed" &
