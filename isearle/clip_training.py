@@ -1,9 +1,11 @@
 """Contrastive training of a CLIP from scratch: the tiny CLIP of the offline shapes world.
 
-The trainer is generic (a map-style dataset of (image tensor, caption) pairs, open_clip's ClipLoss,
+The trainer is generic (a map-style dataset of (image, caption[, description of its "$"]), open_clip's ClipLoss,
 AdamW with warmup + cosine, tqdm, resumable checkpoints of tensors only). The shapes dataset
 pre-renders scenes into a uint8 cache and draws a fresh caption from the world's grammar every time
-an image is used. `evaluate_zero_shot` measures text-to-image R@1 over held-out scenes and
+an image is used; a share of captions holds one composite word "$", fed to the text tower as the
+mean embedding of a description's words, so that one token can stand for a scene (the role of S* in
+"a photo of $ that {edit}"). `evaluate_zero_shot` measures text-to-image R@1 over held-out scenes and
 `export_weights` writes the fp16 safetensors that `load_backbone("isearle-shapes", "isearle-shapes")` loads.
 """
 

@@ -2,9 +2,9 @@
 
 "oracle" replaces S* by a written description of the reference ("a photo of {description} that
 {caption}"); "composite word" by one vector, the mean of the description's word embeddings (the
-input the trainer's --composite teaches the text tower to read); "text-target OTI" inverts the description's *text* feature into one token (OTI with
-no modality gap to bridge), "image-target OTI" the image feature (OTI proper; both gamma 0, norm
-cap 2). image+text is computed as `isearle eval` does, a check of this script's scoring.
+input the trainer's --composite teaches the text tower to read); "text-target OTI" inverts the
+description's *text* feature into one token (OTI with no modality gap to bridge), "image-target
+OTI" the image feature (OTI proper; both gamma 0, norm cap 2). image+text is computed as `isearle eval` does, a check of this script's scoring.
 Usage: python scripts/shapes_oracle.py [--split val] [--model isearle-shapes] [--pretrained isearle-shapes]
 """
 
