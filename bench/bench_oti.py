@@ -16,6 +16,7 @@ number of OTI steps from phi's token needed to reach the loss of 350 cold steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import time
@@ -162,36 +163,30 @@ def bench_warm_start(phi_path: Path | None = None, steps: int = 350, batch: int 
 
     model_path = REPO / "assets" / "models" / "isearle-shapes.safetensors"
     phi_path = phi_path or REPO / "assets" / "models" / "isearle-shapes-phi.safetensors"
-    case = f"isearle-shapes CLIP + phi ({phi_path.name}), batch {batch}, held-out scenes, {steps} cold steps"
+    case = (f"isearle-shapes CLIP + phi ({phi_path.name}), batch {batch}, held-out scenes, {steps} cold steps, "
+            "phi's OTI settings")
     if not (model_path.is_file() and phi_path.is_file()):
         return [row("b OTI", case, "warm start from phi: steps to reach the cold loss", "n/a", "", "",
                     "no trained shapes CLIP/phi in assets/models (scripts/offline_world.sh)")]
     from isearle.backbone import load_backbone
-    from isearle.concepts import concept_bank
-    from isearle.oti import OTIConfig, invert, phrase_tasks
+    from isearle.oti import OTIConfig, invert
     from isearle.phi import load_phi
-    from isearle.phrases import offline_generator
     from isearle.shapes.world import scene_source
 
     backbone = load_backbone("isearle-shapes", "isearle-shapes", "cpu")
     phi = load_phi(phi_path)
     _, items = scene_source(batch, 424242, backbone.image_size)
     feats = backbone.encode_pil([item() for item in items])
-    bank = concept_bank(backbone, "shapes")
-    names = bank.top_names(feats, 15)
-    gen = offline_generator("shapes", 32, 0)
-    phrases = {c: gen(c) for c in {c for row_ in names for c in row_}}
-    tasks = phrase_tasks(names, phrases, 15)
-    config = OTIConfig(steps=steps, batch_size=batch, seed=0)
+    # the OTI that made phi's targets: content loss only, with the gamma and norm cap phi records
+    config = OTIConfig(steps=steps, batch_size=batch, seed=0, **phi.oti_settings)
     cold: list[float] = []
     t = time.perf_counter()
-    invert(backbone, feats, config, tasks, history=cold)
+    invert(backbone, feats, config, history=cold)
     cold_s = time.perf_counter() - t
     with torch.inference_mode():
         init = phi(feats)
     warm: list[float] = []
-    invert(backbone, feats, OTIConfig(steps=warm_steps, batch_size=batch, seed=0), tasks, init=init.clone(),
-           history=warm)
+    invert(backbone, feats, dataclasses.replace(config, steps=warm_steps), init=init.clone(), history=warm)
 
     def smooth(xs: list[float], i: int) -> float:
         part = xs[max(0, i - window + 1) : i + 1]
