@@ -15,14 +15,16 @@ isearle train-clip --out-dir "$RUN/clip" --resume --threads 2 --time-budget 60 -
   --export assets/models/isearle-shapes.safetensors
 # the grammar's phrases (the GPT-Neo role): used by the GPT-loss ablation (--phrases), not by the shipped run
 isearle phrases --vocabulary shapes --generator offline --samples 32 --out "$RUN/phrases.json"
-# OTI over 4,096 unlabeled scenes, content loss only (the grammar's phrases hurt here: README), S* norm cap 2;
-# two single-threaded processes side by side use 2 cores best (7 min each)
-for seed in 7000 7001; do
-  OMP_NUM_THREADS=1 isearle oti "${M[@]}" --shapes 2048 --shapes-seed $seed --vocabulary shapes \
-    --batch-size 256 --max-norm 2 --out "$RUN/oti_$seed" &
+# OTI over 8,192 unlabeled scenes, content loss only (the grammar's phrases hurt here: README), S* norm cap 2;
+# two single-threaded processes side by side use 2 cores best (7 min each, two rounds)
+for pair in "7000 7001" "7002 7003"; do
+  for seed in $pair; do
+    OMP_NUM_THREADS=1 isearle oti "${M[@]}" --shapes 2048 --shapes-seed $seed --vocabulary shapes \
+      --batch-size 256 --max-norm 2 --out "$RUN/oti_$seed" &
+  done
+  wait
 done
-wait
-isearle train-phi "${M[@]}" --oti "$RUN/oti_7000" "$RUN/oti_7001" --reg-norm 2 \
+isearle train-phi "${M[@]}" --oti "$RUN"/oti_700{0,1,2,3} --reg-norm 2 \
   --out assets/models/isearle-shapes-phi.safetensors
 for m in image text image+text oti phi; do
   isearle eval "${M[@]}" --benchmark shapes --split test --method "$m" --oti-max-norm 2 \
