@@ -177,26 +177,19 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def train_phi_main(args: argparse.Namespace) -> int:
-    import torch
-
-    from isearle.oti import load_run
+    from isearle.oti import load_runs
     from isearle.phi import save_phi
     from isearle.phi_training import PhiTrainConfig, train_phi
 
     backbone = backbone_from(args)
-    runs = [load_run(folder) for folder in args.oti]
-    ids = [i for r in runs for i in r[0]]
-    features, tokens = torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs])
-    concepts = [c for r in runs for c in r[3]] if all(r[3] is not None for r in runs) else None
+    ids, features, tokens, concepts, oti = load_runs(args.oti)
     config = PhiTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             temperature=args.temperature, lambda_gpt=args.lambda_gpt,
                             lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
                             hard_negatives=not args.no_hard_negatives, seed=args.seed)
     bank = json.loads(args.phrases.read_text()) if args.phrases else None
     phi, history = train_phi(backbone, features, tokens, config, concepts, bank)
-    oti = json.loads((args.oti[0] / "config.json").read_text()) if (args.oti[0] / "config.json").is_file() else {}
-    path = save_phi(phi, args.out, {"backbone": backbone.name, "pretrained": backbone.pretrained,
-                                    "oti": {k: oti[k] for k in ("steps", "gamma", "max_norm", "lambda_gpt") if k in oti},
+    path = save_phi(phi, args.out, {"backbone": backbone.name, "pretrained": backbone.pretrained, "oti": oti,
                                     "train": vars(config), "final_losses": history[-1] if history else {}})
     print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}; saved {path}")
     return 0
@@ -219,15 +212,12 @@ def add_query_arguments(p: argparse.ArgumentParser) -> None:
 
 def query_main(args: argparse.Namespace) -> int:
     from isearle.images import open_image
-    from isearle.oti import OTIConfig
     from isearle.service import load_service
 
     service = load_service(args.gallery, model=args.model, pretrained=args.pretrained, phi=args.phi,
                            device=args.device)
     image = open_image(args.image) if args.image else None
-    settings = service.phi.oti_settings if service.phi is not None else {}
-    hits = service.retriever.query(image, args.caption, args.top_k, args.method,
-                                   OTIConfig(steps=args.steps, batch_size=1, **settings))
+    hits = service.retriever.query(image, args.caption, args.top_k, args.method, service.oti_config(args.steps))
     rows = [{"id": h.id, "path": h.metadata.get("path"), "score": round(h.score, 6)} for h in hits]
     if args.json:
         print(json.dumps(rows))

@@ -740,11 +740,6 @@ class Loaded:
     def shapes(self) -> bool:
         return self.backbone.name in SHAPES_MODELS
 
-    @property
-    def oti_settings(self) -> dict:
-        """OTI settings of this entry's phi (e.g. the shapes world's norm cap), for OTI queries."""
-        return self.service.phi.oti_settings if self.service.phi is not None else {}
-
     def concepts(self) -> Any:
         """The concept bank (shapes vocabulary, or ImageNet names for real CLIPs), built once and disk-cached.
 
@@ -869,7 +864,7 @@ class DemoEngine:
         self._query(loaded.service.retriever, ref, "is blue", k=1, method=method)
         loaded.concepts()
         if method == "phi":
-            self._explain(loaded, ref, "is blue", "phi", OTIConfig(batch_size=1, **loaded.oti_settings), 3, True)
+            self._explain(loaded, ref, "is blue", "phi", loaded.service.oti_config(), 3, True)
         else:
             bar_chart(["warm-up"], [0.5], "warm-up")
         self.example_paths()
@@ -941,7 +936,7 @@ class DemoEngine:
         notes += cap.notes
         query_image, ref_id = self._resolve(loaded, key, image)
         retriever = loaded.service.retriever
-        oti = OTIConfig(steps=int(steps), batch_size=1, **loaded.oti_settings)
+        oti = loaded.service.oti_config(steps)
         steps_key = oti.steps if method == "oti" else 0
         ikey = image_key(query_image)
         qkey = (key, ikey, method, steps_key, cap.caption)
@@ -995,7 +990,7 @@ class DemoEngine:
         query_image, ref_id = self._resolve(loaded, key, image)
         if method == "phi" and loaded.service.phi is None:
             method = "oti"
-        return self._explain(loaded, query_image, cap.caption, method, OTIConfig(steps=int(steps), batch_size=1, **loaded.oti_settings),
+        return self._explain(loaded, query_image, cap.caption, method, loaded.service.oti_config(steps),
                              k, trained_only, key, ref_id)
 
     def _explain(self, loaded: Loaded, image: Image.Image, caption: str, method: str, oti: OTIConfig,

@@ -18,6 +18,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -366,3 +367,29 @@ def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor
         table = json.loads(concept_file.read_text())
         concepts = [table[i] for i in ids]
     return ids, features, tokens, concepts
+
+
+#: The OTI settings its tokens depend on; phi records them (its JSON's "oti") and runs OTI with them.
+TARGET_SETTINGS = ("steps", "gamma", "max_norm", "lambda_gpt")
+
+
+def load_runs(out_dirs: Sequence[str | Path]) -> tuple[list[str], torch.Tensor, torch.Tensor,
+                                                          list[list[str]] | None, dict[str, Any]]:
+    """`load_run` of several runs, concatenated, and the OTI settings they share (`TARGET_SETTINGS`).
+
+    Runs made with different settings are refused: phi would be distilled from two kinds of token.
+    """
+    runs, settings = [], None
+    for out in map(Path, out_dirs):
+        runs.append(load_run(out))
+        config = out / "config.json"
+        own = json.loads(config.read_text()) if config.is_file() else {}
+        own = {k: own[k] for k in TARGET_SETTINGS if k in own}
+        if settings is not None and own != settings:
+            raise ValueError(f"OTI run {out} was made with {own}, the first run with {settings}: "
+                             "distil phi from runs made with the same OTI settings")
+        settings = own
+    ids = [i for r in runs for i in r[0]]
+    concepts = [c for r in runs for c in r[3]] if all(r[3] is not None for r in runs) else None
+    return ids, torch.cat([r[1] for r in runs]), torch.cat([r[2] for r in runs]), concepts, settings or {}
+

@@ -20,6 +20,7 @@ from isearle.backbone import (
     cpu_quota,
     load_backbone,
 )
+from isearle.oti import OTIConfig
 from isearle.phi import Phi, load_phi
 from isearle.retrieval import Retriever
 
@@ -53,6 +54,11 @@ class Service:
     retriever: Retriever
     phi: Phi | None
     phi_name: str | None
+
+    def oti_config(self, steps: int = OTIConfig.steps) -> OTIConfig:
+        """One-image OTI with the settings that made this phi's targets (e.g. the shapes world's norm cap)."""
+        settings = self.phi.oti_settings if self.phi is not None else {}
+        return OTIConfig(steps=int(steps), batch_size=1, **settings)
 
 
 def load_service(gallery: str | Path = "gallery_index", model: str | None = None, pretrained: str | None = None,

@@ -2,6 +2,7 @@
 
 import json
 import random
+import shutil
 import statistics
 
 import pytest
@@ -19,6 +20,7 @@ from isearle.oti import (
     invert_dataset,
     invert_images,
     load_run,
+    load_runs,
     load_tokens,
     phrase_tasks,
     replace_concept,
@@ -276,3 +278,12 @@ def test_invert_images_writes_a_loadable_run(tiny, tmp_path):
     assert torch.allclose(features, tiny.encode_pil([it() for it in items]), atol=1e-5)
     assert torch.equal(run_tokens, tokens)
     assert concepts is not None and all(len(c) == 3 and set(c) <= set(names) for c in concepts)
+
+    both = load_runs([out, out])  # concatenated, with the settings they share
+    assert both[0] == ids + ids and torch.equal(both[2], torch.cat([tokens, tokens])) and both[3] == concepts * 2
+    assert both[4] == {"steps": 4, "gamma": cfg.gamma, "max_norm": 0.0, "lambda_gpt": cfg.lambda_gpt}
+    other = tmp_path / "capped"
+    shutil.copytree(out, other)
+    (other / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "max_norm": 2.0}))
+    with pytest.raises(ValueError, match="same OTI settings"):
+        load_runs([out, other])
