@@ -279,12 +279,22 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return int(run(args) or 0)
-    except (WeightsUnavailable, BadImage, FileNotFoundError, ValueError) as err:
+    except (WeightsUnavailable, BadImage, FileNotFoundError, ValueError) as err:  # ArtifactError too
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: resumable commands continue where they stopped when run again", file=sys.stderr)
         return 130
+    except OSError as err:  # disk full, permission denied...: the file and the reason, no traceback
+        print(f"error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug: one line for the user; ISEARLE_DEBUG=1 shows the traceback
+        if os.environ.get("ISEARLE_DEBUG"):
+            raise
+        first = (str(err).strip().splitlines() or [""])[0][:200]
+        print(f"error: internal error ({type(err).__name__}: {first}); run again with ISEARLE_DEBUG=1 "
+              "for the traceback and report it", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

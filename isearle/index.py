@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
-import os
 import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -33,14 +33,31 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from isearle.backbone import QUICKGELU_ALIASES, Backbone
+from isearle.artifacts import (
+    ArtifactError,
+    Progress,
+    atomic_path,
+    check_file,
+    check_format,
+    display,
+    read_json,
+    recover_group,
+    write_group,
+)
+from isearle.backbone import QUICKGELU_ALIASES, REPO_DIR, Backbone
 
+log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 INDEX_FILE, INFO_FILE, ITEMS_FILE = "index.faiss", "index.json", "items.json"
-FORMAT_VERSION = 1
+#: 2: index.json records each file's size and SHA-256 ("files"); 1 (no records) is still read.
+FORMAT_VERSION = 2
+#: Where `isearle index` keeps the embedded batches of an unfinished run (inside --out).
+PROGRESS_DIR = ".index-progress"
+#: The offline world's bundled gallery (rebuilt by `python -m isearle.demo build-gallery`).
+OFFLINE_GALLERY = REPO_DIR / "gallery_index"
 
 
-class BackboneMismatch(ValueError):
+class BackboneMismatch(ArtifactError):
     """The index was embedded with another backbone than the one asked for."""
 
 
@@ -316,22 +333,18 @@ class GalleryIndex:
 
     # ------------------------------------------------------------------------------ storage
     def save(self, directory: str | Path) -> Path:
-        """Write index.faiss, index.json and items.json into `directory` (atomically, file by file)."""
+        """Write index.faiss, items.json and their manifest index.json into `directory`, as one
+        atomic group (see `isearle.artifacts.write_group`): a crash leaves the old gallery or the new."""
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         with self._lock:
             info = {**self.info, "count": len(self.ids), "index_kind": self.kind, "embed_dim": self.dim}
             header = {"format": FORMAT_VERSION, "info": info, "config": asdict(self.config)}
             items = {"ids": self.ids, "metadata": [self.metadata[i] for i in self.ids]}
             index = self._index if self._index is not None else self._new_flat()
-            # Write next to the target and rename: a memory-mapped old file stays valid for readers.
-            tmp = out / (INDEX_FILE + ".tmp")
-            faiss.write_index(index, str(tmp))
-            os.replace(tmp, out / INDEX_FILE)
-            for name, data in ((ITEMS_FILE, items), (INFO_FILE, header)):
-                tmp = out / (name + ".tmp")
-                tmp.write_text(json.dumps(data, ensure_ascii=False))
-                os.replace(tmp, out / name)
+            # New files are renamed over the old: a memory-mapped old file stays valid for readers.
+            write_group(out, {INDEX_FILE: lambda p: faiss.write_index(index, str(p)),
+                              ITEMS_FILE: lambda p: p.write_text(json.dumps(items, ensure_ascii=False), "utf-8")},
+                        INFO_FILE, header)
             self.info = info
         return out
 
@@ -340,34 +353,63 @@ class GalleryIndex:
              expect_backbone: str | tuple[str | None, str | None] | Backbone | None = None) -> GalleryIndex:
         """Open a saved gallery; with `mmap` the vectors stay on disk (read-only view, copied on add).
 
-        `expect_backbone` (a name, (name, pretrained) or a Backbone) raises BackboneMismatch when
-        the gallery was embedded with another model: its features would be meaningless to it.
+        Every file is checked against the manifest (size, SHA-256; see `isearle.artifacts`): a
+        damaged gallery raises ArtifactError saying how to rebuild it. `expect_backbone` (a name,
+        (name, pretrained) or a Backbone) raises BackboneMismatch when the gallery was embedded
+        with another model: its features would be meaningless to it.
         """
         directory = Path(directory)
         info_path = directory / INFO_FILE
-        if not info_path.is_file():
+        if not info_path.is_file() and not (directory / f"{INFO_FILE}.pending").is_file():
             raise FileNotFoundError(f"no gallery index in {directory}: build one with `isearle index`")
-        header = json.loads(info_path.read_text())
-        info = header["info"]
+        remedy = rebuild_hint(directory)
+        try:
+            recover_group(directory, INFO_FILE, (INDEX_FILE, ITEMS_FILE))
+        except OSError as err:
+            raise ArtifactError(directory, f"holds an unfinished write ({err.strerror})", remedy) from None
+        header = read_json(info_path, remedy)
+        if not isinstance(header, dict) or not isinstance(header.get("info"), dict) \
+                or "embed_dim" not in header["info"]:
+            raise ArtifactError(info_path, "is not a gallery index header", remedy)
+        check_format(info_path, header.get("format"), FORMAT_VERSION, remedy)
+        info, files = header["info"], header.get("files", {})
+        remedy = rebuild_hint(directory, info)
         if expect_backbone is not None:
             check_backbone(info, expect_backbone, directory)
         index = cls(int(info["embed_dim"]), IndexConfig.from_dict(header.get("config", {})), info)
-        items = json.loads((directory / ITEMS_FILE).read_text())
+        items = read_json(directory / ITEMS_FILE, remedy, files.get(ITEMS_FILE))
+        if not isinstance(items, dict) or not isinstance(items.get("ids"), list) \
+                or not isinstance(items.get("metadata"), list) or len(items["ids"]) != len(items["metadata"]):
+            raise ArtifactError(directory / ITEMS_FILE, "is not a gallery item list", remedy)
         index.ids = [str(i) for i in items["ids"]]
         index.metadata = dict(zip(index.ids, items["metadata"], strict=True))
         index._row = {i: r for r, i in enumerate(index.ids)}
         path = directory / INDEX_FILE
+        check_file(path, files.get(INDEX_FILE), remedy)
         flags = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY if mmap else 0
-        index._index = faiss.read_index(str(path), flags)
+        try:
+            index._index = faiss.read_index(str(path), flags)
+        except RuntimeError as err:
+            problem = str(err).strip().splitlines()[-1][:120]
+            raise ArtifactError(path, f"is not a readable FAISS index ({problem})", remedy) from None
         index._view_of = path if mmap else None
         index.kind = info.get("index_kind", index.kind)
         index.directory = directory
-        if index._index.ntotal != len(index.ids):
-            raise ValueError(f"{directory} is inconsistent: {index._index.ntotal} vectors, {len(index.ids)} ids")
+        if index._index.ntotal != len(index.ids) or index._index.d != index.dim:
+            raise ArtifactError(path, f"does not match its items ({index._index.ntotal} {index._index.d}-d "
+                                f"vectors, {len(index.ids)} {index.dim}-d items)", remedy)
         if index._index.ntotal == 0 and index.config.kind in ("hnsw", "ivfpq"):
             index._index, index._view_of, index.kind = None, None, index.config.kind  # built on first add
         index._apply_search_params()
         return index
+
+
+def rebuild_hint(directory: str | Path, info: Mapping[str, Any] | None = None) -> str:
+    """What to do about a damaged gallery: the offline world's is rebuilt by the demo helper."""
+    if (info or {}).get("benchmark") == "shapescir" or Path(directory).resolve() == OFFLINE_GALLERY.resolve():
+        return "rebuild it with `python -m isearle.demo build-gallery`"
+    model = (info or {}).get("model")
+    return f"rebuild it with `isearle index --out {display(directory)}" + (f" --model {model}`" if model else "`")
 
 
 def check_backbone(info: Mapping[str, Any], expected: str | tuple[str | None, str | None] | Backbone,
@@ -384,9 +426,8 @@ def check_backbone(info: Mapping[str, Any], expected: str | tuple[str | None, st
     same_name = want[0] == have[0] or (not check_pretrained and name in (info.get("model"), have[0]))
     if not same_name or (check_pretrained and want[1] != have[1]):
         raise BackboneMismatch(
-            f"{where} was embedded with {info.get('model')}/{info.get('pretrained')}, not "
-            f"{name}/{pretrained if check_pretrained else '*'}: rebuild it with `isearle index --model {name}`"
-        )
+            where, f"was embedded with {info.get('model')}/{info.get('pretrained')}, not "
+            f"{name}/{pretrained if check_pretrained else '*'}", f"rebuild it with `isearle index --model {name}`")
 
 
 # --------------------------------------------------------------------------- building from images
@@ -434,7 +475,8 @@ class GalleryImages(Dataset):
         if self.thumb_dir is not None and not isinstance(source, (str, Path)):
             thumb = image.copy()
             thumb.thumbnail((self.thumb_size, self.thumb_size))
-            thumb.save(self.thumb_dir / self.thumbnail_name(row), quality=90)
+            with atomic_path(self.thumb_dir / self.thumbnail_name(row)) as tmp:
+                thumb.save(tmp, format="JPEG", quality=90)
         return row, self.preprocess(image), ""
 
 
@@ -463,17 +505,17 @@ def backbone_info(backbone: Backbone) -> dict[str, Any]:
 
 def _items_and_index(backbone: Backbone, images: Iterable, index: GalleryIndex | None,
                      config: IndexConfig | None) -> tuple[list, GalleryIndex]:
-    """The (id, source, metadata) items and the index they go into: a new one, or one of the same
-    backbone that holds none of their ids yet."""
+    """The (id, source, metadata) items not in the index yet, and the index they go into: a new
+    one, or one of the same backbone (ids it already holds are skipped and counted in the log)."""
     items = _prepare_items(images)
     if index is None:
         index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
     else:
         check_backbone(index.info, backbone)
-    known = [i for i, _, _ in items if i in index]
-    if known:
-        raise ValueError(f"id {known[0]!r} is already in the index ({len(known)} known ids)")
-    return items, index
+    new = [item for item in items if item[0] not in index]
+    if len(new) < len(items):
+        log.info("%d of %d images are already in the index: skipped", len(items) - len(new), len(items))
+    return new, index
 
 
 def build_gallery_index(
@@ -485,13 +527,17 @@ def build_gallery_index(
     config: IndexConfig | None = None,
     thumbnails: str | Path | None = None,
     index: GalleryIndex | None = None,
+    checkpoint: str | Path | None = None,
 ) -> GalleryIndex:
-    """Embed (id, image, metadata) triples and index them (into `index` when given: incremental).
+    """Embed (id, image, metadata) triples and index them (into `index` when given: incremental;
+    ids it already holds are skipped).
 
     Images are paths, PIL images or callables; decoding and preprocessing run in `num_workers`
     DataLoader processes while the model encodes batches of `batch_size`. Unreadable images are
     skipped with a warning and listed in `info["skipped"]`. `thumbnails` is the index folder under
     which `thumbs/` receives JPEGs for items without a file path (their metadata gets "thumbnail").
+    With `checkpoint` (a folder), every embedded batch is kept there (`isearle.artifacts.Progress`):
+    a run killed at any moment resumes at the first missing batch and gives the same index.
     """
     items, index = _items_and_index(backbone, images, index, config)
     thumb_dir = None
@@ -499,25 +545,46 @@ def build_gallery_index(
         thumb_dir = Path(thumbnails) / "thumbs"
         thumb_dir.mkdir(parents=True, exist_ok=True)
     dataset = GalleryImages(items, backbone.preprocess, thumb_dir, thumb_offset=len(index))
-    loader = DataLoader(dataset, batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False, collate_fn=_collate,
-                        persistent_workers=False)
+    batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
+    done: Progress | None = None
+    if checkpoint is not None:
+        done = Progress(checkpoint, {"what": "index", "backbone": backbone_info(backbone), "base": len(index),
+                                     "batch_size": batch_size, "thumbs": thumb_dir is not None,
+                                     "ids": [i for i, _, _ in items]})
+    todo = [b for b in range(len(batches)) if done is None or not done.has(b)]
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in todo], num_workers=num_workers,
+                        collate_fn=_collate, persistent_workers=False)
     skipped: list[str] = list(index.info.get("skipped", []))
-    with tqdm(total=len(items), desc="index", unit="img", disable=not progress) as bar:
-        for rows, pixels, bad in loader:
-            for r, err in bad:
-                tqdm.write(f"warning: skipped {items[r][0]}: {err}", file=sys.stderr)
+
+    def add(rows: list[int], feats: torch.Tensor, bad: list[tuple[int, str]]) -> None:
+        for r, err in bad:
+            tqdm.write(f"warning: skipped {items[r][0]}: {err}", file=sys.stderr)
+            if items[r][0] not in skipped:
                 skipped.append(items[r][0])
+        metas = []
+        for r in rows:
+            meta = items[r][2]
+            if thumb_dir is not None and "path" not in meta:
+                meta = {**meta, "thumbnail": f"thumbs/{dataset.thumbnail_name(r)}"}
+            metas.append(meta)
+        if rows:
+            index.add(feats, [items[r][0] for r in rows], metas)
+
+    with tqdm(total=len(items), initial=len(items) - sum(len(batches[b]) for b in todo), desc="index",
+              unit="img", disable=not progress) as bar:
+        for b, (rows, pixels, bad) in zip(todo, loader, strict=True):
+            feats = torch.zeros(0, backbone.embed_dim)
             if pixels is not None:
-                feats = F.normalize(backbone.encode_images(pixels).float(), dim=-1)
-                metas = []
-                for r in rows:
-                    meta = items[r][2]
-                    if thumb_dir is not None and "path" not in meta:
-                        meta = {**meta, "thumbnail": f"thumbs/{dataset.thumbnail_name(r)}"}
-                    metas.append(meta)
-                index.add(feats.cpu(), [items[r][0] for r in rows], metas)
+                feats = F.normalize(backbone.encode_images(pixels).float(), dim=-1).cpu()
+            if done is None:
+                add(rows, feats, bad)
+            else:
+                done.save(b, {"features": feats}, {"rows": rows, "bad": bad})
             bar.update(len(rows) + len(bad))
+    if done is not None:  # every batch is on disk: add them in order, as an uninterrupted run does
+        for b in range(len(batches)):
+            tensors, meta = done.load(b)
+            add(meta["rows"], tensors["features"], [tuple(x) for x in meta["bad"]])
     if skipped:
         index.info["skipped"] = skipped
     return index
@@ -636,6 +703,9 @@ def index_main(args: argparse.Namespace) -> int:
     index = None
     if args.append and (args.out / INFO_FILE).is_file():
         index = GalleryIndex.load(args.out, mmap=False, expect_backbone=backbone)
+        known = sum(1 for i, _, _ in items if str(i) in index)
+        if known:
+            print(f"{known} of {len(items)} images are already in {args.out}: skipped", file=sys.stderr)
     thumbs = args.out if (args.thumbnails or args.hf_dataset is not None) else None
     if args.ray:
         from isearle.scale import ray_build_gallery_index
@@ -645,7 +715,8 @@ def index_main(args: argparse.Namespace) -> int:
                                         thumbnails=thumbs)
     else:
         index = build_gallery_index(backbone, items, args.batch_size, args.num_workers, True, config,
-                                    thumbs, index)
+                                    thumbs, index, checkpoint=args.out / PROGRESS_DIR)
     index.save(args.out)
+    Progress.discard(args.out / PROGRESS_DIR)
     print(f"{len(index)} images ({index.kind}, {index.dim}-d, {backbone.name}) indexed in {args.out}")
     return 0

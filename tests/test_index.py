@@ -167,7 +167,9 @@ def test_cli_index_then_query_service(tmp_path):
             "--out", str(out), "--num-workers", "0", "--batch-size", "3"]
     torch.manual_seed(0)  # random init: the service must rebuild the same random model as `index`
     assert main(args) == 0
-    assert main([*args, "--append"]) == 1  # the same ids again: refused, the saved index is unchanged
+    before = (out / "index.faiss").read_bytes()
+    assert main([*args, "--append"]) == 0  # the same ids again: all skipped, the saved index is unchanged
+    assert (out / "index.faiss").read_bytes() == before and not (out / ".index-progress").exists()
     torch.manual_seed(0)
     service = load_service(out)
     assert len(service.index) == 4 and service.index.ids[0] == "sub/blue.jpg"
