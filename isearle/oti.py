@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,58 @@ def _project(v: torch.Tensor, cap: float) -> None:
     v.mul_((cap / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
 
 
+@dataclass
+class OTIStep:
+    """The state of an OTI run after `step` optimisation steps (step 0: the initial token, loss nan)."""
+
+    step: int
+    #: this step's mean loss (detached, on the backbone's device; float() it to read it)
+    loss: torch.Tensor
+    #: the EMA pseudo-tokens [N, token_width] so far: the run's result at this step (the live tensor:
+    #: clone it to keep it past the next step)
+    token: torch.Tensor
+
+
+def invert_steps(
+    backbone: Backbone,
+    image_features: torch.Tensor,
+    config: OTIConfig | None = None,
+    tasks: Sequence[PhraseTask] | None = None,
+    init: torch.Tensor | None = None,
+) -> Iterator[OTIStep]:
+    """OTI one step at a time: yields the initial state, then the state after every step.
+
+    `invert` is this generator run to its end, so a run watched step by step (the demo's streamed
+    view) ends with exactly the tokens of a plain run. Gradients are enabled inside, whatever the
+    caller's grad mode; `image_features` must not be inference tensors (clone them).
+    """
+    config = config or OTIConfig()
+    rng = random.Random(config.seed)
+    objective = OTIObjective(backbone, image_features, tasks, config, rng)
+    n = image_features.shape[0]
+    if init is None:
+        gen = torch.Generator().manual_seed(config.seed)
+        init = torch.randn(n, backbone.token_width, generator=gen) * config.init_std
+    with torch.inference_mode(False):
+        v = torch.nn.Parameter(init.detach().clone().float().to(backbone.device))
+        cap = config.max_norm * token_norm(backbone) if config.max_norm > 0 else None
+        if cap is not None:
+            _project(v, cap)
+        ema = v.detach().clone()
+        optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
+    yield OTIStep(0, torch.tensor(float("nan")), ema)
+    for step in range(config.steps):
+        with torch.inference_mode(False), torch.enable_grad():
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective.loss(step, v)
+            loss.backward()
+            optimizer.step()
+            if cap is not None:
+                _project(v, cap)
+            ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
+        yield OTIStep(step + 1, loss.detach(), ema)
+
+
 def invert(
     backbone: Backbone,
     image_features: torch.Tensor,
@@ -202,30 +254,16 @@ def invert(
     N(0, init_std). Mean losses per step are appended to `history` when given.
     """
     config = config or OTIConfig()
-    rng = random.Random(config.seed)
-    objective = OTIObjective(backbone, image_features, tasks, config, rng)
-    n = image_features.shape[0]
-    if init is None:
-        gen = torch.Generator().manual_seed(config.seed)
-        init = torch.randn(n, backbone.token_width, generator=gen) * config.init_std
-    v = torch.nn.Parameter(init.detach().clone().float().to(backbone.device))
-    cap = config.max_norm * token_norm(backbone) if config.max_norm > 0 else None
-    if cap is not None:
-        _project(v, cap)
-    ema = v.detach().clone()
-    optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
-    steps = range(config.steps)
-    for step in tqdm(steps, desc="OTI", leave=False, disable=not progress):
-        optimizer.zero_grad(set_to_none=True)
-        loss = objective.loss(step, v)
-        loss.backward()
-        optimizer.step()
-        if cap is not None:
-            _project(v, cap)
-        ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
-        if history is not None:
-            history.append(float(loss.detach()))
-    return ema
+    token = None
+    bar = tqdm(total=config.steps, desc="OTI", leave=False, disable=not progress)
+    for state in invert_steps(backbone, image_features, config, tasks, init):
+        token = state.token
+        if state.step > 0:
+            bar.update()
+            if history is not None:
+                history.append(float(state.loss))
+    bar.close()
+    return token
 
 
 def invert_dataset(

@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
-from isearle.oti import OTIConfig, invert
+from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
 
@@ -126,26 +127,55 @@ class Retriever:
     def pseudo_token(self, image: Image.Image, method: str = "phi", oti: OTIConfig | None = None,
                      progress: bool = False) -> torch.Tensor:
         """S* of an image by phi or OTI (warm-started from phi when there is one), cached."""
-        key, feats = self.image_features(image)
+        key, _ = self.image_features(image)
         oti = oti or OTIConfig(batch_size=1)
-        ckey = (key, method, oti.steps if method == "oti" else 0)
-        token = self.tokens.get(ckey)
+        token = self.tokens.get(self._token_key(key, method, oti))
         if token is not None:
             return token
-        with torch.inference_mode():
-            phi_token = self.phi(feats[None])[0] if self.phi is not None else None
         if method == "phi":
-            if phi_token is None:
+            token = self.phi_token(image)
+            if token is None:
                 raise ValueError("no phi network is loaded: choose OTI or load a phi checkpoint")
-            token = phi_token
+            self.tokens.put(self._token_key(key, method, oti), token)
         elif method == "oti":
-            init = None if phi_token is None else phi_token[None].clone()
-            with torch.inference_mode(False), torch.enable_grad():
-                token = invert(self.backbone, feats[None].clone(), oti, init=init, progress=progress)[0]
+            for state in tqdm(self.oti_steps(image, oti), total=oti.steps + 1, desc="OTI", leave=False,
+                              disable=not progress):
+                token = state.token
+            token = token[0].detach()  # oti_steps cached it
         else:
             raise ValueError(f"no pseudo-word for method {method!r}")
-        self.tokens.put(ckey, token.detach())
-        return token.detach()
+        return token
+
+    @staticmethod
+    def _token_key(key: str, method: str, oti: OTIConfig) -> tuple:
+        return key, method, oti.steps if method == "oti" else 0
+
+    @torch.inference_mode()
+    def phi_token(self, image: Image.Image) -> torch.Tensor | None:
+        """phi's S* [token_width] of an image, None when no phi is loaded."""
+        if self.phi is None:
+            return None
+        return self.phi(self.image_features(image)[1][None])[0]
+
+    def oti_steps(self, image: Image.Image, oti: OTIConfig | None = None, warm: bool = True
+                  ) -> Iterator[OTIStep]:
+        """OTI of one image step by step (`oti.invert_steps`), warm-started from phi when there is one.
+
+        The run `pseudo_token` does, watchable: a warm run that is consumed to its end leaves its
+        S* in the cache, so the next query with these settings reuses it. `warm=False` starts from
+        N(0, init_std) instead (a run for comparison, not cached).
+        """
+        key, feats = self.image_features(image)
+        oti = oti or OTIConfig(batch_size=1)
+        init = self.phi_token(image) if warm else None
+        init = None if init is None else init[None].clone()
+        with torch.inference_mode(False):
+            feats = feats[None].clone()
+        state = None
+        for state in invert_steps(self.backbone, feats, oti, init=init):
+            yield state
+        if warm and state is not None:
+            self.tokens.put(self._token_key(key, "oti", oti), state.token[0].detach().clone())
 
     def text_feature(self, caption: str) -> torch.Tensor:
         feat = self.texts.get(caption)

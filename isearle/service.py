@@ -79,13 +79,19 @@ def load_service(gallery: str | Path = "gallery_index", model: str | None = None
         raise ValueError(f"gallery {gallery} was embedded with {info.get('model')}/{info.get('pretrained')}, "
                          f"not {model}/{pretrained}: rebuild it with `isearle index --model {model}`")
     backbone = load_backbone(model, pretrained, device)
-    phi_name = phi or DEFAULT_PHI.get((backbone.name, pretrained))
-    phi_net = None
-    if phi_name:
-        try:
-            phi_net = load_phi(phi_name, backbone.device)
-        except WeightsUnavailable:
-            if phi:  # asked for explicitly: say so; a missing default only disables method phi
-                raise
-            phi_name = None
+    phi_net, phi_name = resolve_phi(backbone, phi)
     return Service(backbone, index, Retriever(backbone, index, phi_net), phi_net, phi_name)
+
+
+def resolve_phi(backbone: Backbone, phi: str | None = None) -> tuple[Phi | None, str | None]:
+    """(phi, its name): `phi` when given (WeightsUnavailable if it cannot be had), else the backbone's
+    default from `DEFAULT_PHI`, or (None, None) when there is none or it cannot be had (OTI only)."""
+    phi_name = phi or DEFAULT_PHI.get((backbone.name, backbone.pretrained))
+    if not phi_name:
+        return None, None
+    try:
+        return load_phi(phi_name, backbone.device), phi_name
+    except WeightsUnavailable:
+        if phi:  # asked for explicitly: say so; a missing default only disables method phi
+            raise
+        return None, None

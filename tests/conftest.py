@@ -3,6 +3,9 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: never touch the network
+# before torch loads OpenMP: idle threads sleep instead of spinning (as app.py and the CLI do); spinning
+# made OTI steps 15x slower on this busy 2-core machine (0.13 s -> 2.0 s for 12 tiny steps)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
