@@ -236,7 +236,7 @@ def retriever(tiny, phi, monkeypatch):
     images = [Image.new("RGB", (40, 40), c) for c in ("red", "green", "blue", "yellow")]
     index = FakeIndex(["r", "g", "b", "y"], tiny.encode_pil(images))
     calls = {"images": 0, "texts": 0, "invert": 0}
-    encode_pil, encode_texts, invert = tiny.encode_pil, tiny.encode_texts, isearle.retrieval.invert
+    encode_pil, encode_texts, invert = tiny.encode_pil, tiny.encode_texts, isearle.retrieval.invert_steps
 
     def count(key, fn):
         def wrapper(*args, **kwargs):
@@ -246,7 +246,7 @@ def retriever(tiny, phi, monkeypatch):
 
     monkeypatch.setattr(tiny, "encode_pil", count("images", encode_pil))
     monkeypatch.setattr(tiny, "encode_texts", count("texts", encode_texts))
-    monkeypatch.setattr(isearle.retrieval, "invert", count("invert", invert))
+    monkeypatch.setattr(isearle.retrieval, "invert_steps", count("invert", invert))
     r = Retriever(tiny, index, phi=phi, cache_size=8)
     r.calls = calls
     return r
