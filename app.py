@@ -18,15 +18,19 @@ except ImportError:
     spaces = None
 
 import argparse
+import contextlib
 import functools
+import inspect
 import logging
 import sys
 import time
 
 import gradio as gr
 
+from app_inspector import add_inspector
 from isearle import demo as D
 from isearle.backbone import WeightsUnavailable
+from isearle.demo_inspector import InspectorViews
 from isearle.images import BadImage
 from isearle.service import set_threads
 
@@ -40,21 +44,35 @@ def gpu(duration: int):
     return spaces.GPU(duration=duration) if spaces is not None else (lambda fn: fn)
 
 
-def guarded(fn):
+@contextlib.contextmanager
+def one_line_errors():
     """Expected failures become one-line gr.Error messages; anything else a generic one (logged)."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except EXPECTED as err:
+        raise gr.Error(str(err), print_exception=False) from None
+    except Exception as err:
+        log.exception("request failed")
+        raise gr.Error(f"internal error ({type(err).__name__}): please try again or use another input",
+                       print_exception=False) from None
+
+
+def guarded(fn):
+    """`fn` (a function or a generator of streamed updates) with `one_line_errors`."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(*args, **kwargs):
+            with one_line_errors():
+                yield from fn(*args, **kwargs)
+
+        return stream
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with one_line_errors():
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except EXPECTED as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        except Exception as err:
-            log.exception("request failed")
-            raise gr.Error(f"internal error ({type(err).__name__}): please try again or use another input",
-                           print_exception=False) from None
 
     return wrapper
 
@@ -157,7 +175,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
                     backbone = gr.Dropdown(choices=choices, value=engine.default_key, label="Backbone",
                                            interactive=len(choices) > 1)
                     method = gr.Radio(methods, value="phi" if has_phi else "oti", label="Method")
-                    steps = gr.Slider(10, 600, value=args.oti_steps, step=10, label="OTI steps")
+                    steps = gr.Slider(10, 600, value=args.oti_steps, step=10, label="OTI steps", elem_id="oti-steps")
                     top_k = gr.Slider(1, 50, value=10, step=1, label="Top K")
             with gr.Column(scale=5):
                 status = gr.Markdown("Pick an example above or upload a reference image.", label="status",
@@ -184,6 +202,10 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
                                     allow_preview=False, elem_id="image-only")
             text_only = gr.Gallery(label="Text only (the caption alone)", columns=3, height="auto", object_fit="contain",
                                    allow_preview=False, elem_id="text-only")
+
+        add_inspector(InspectorViews(engine), {"reference": reference, "caption": caption, "method": method,
+                                               "steps": steps, "top_k": top_k, "backbone": backbone,
+                                               "trained_only": trained_only}, examples, guarded, gallery, gpu)
 
         query_inputs = [reference, caption, top_k, method, steps, backbone]
         panel_inputs = [reference, caption, method, steps, backbone, trained_only]

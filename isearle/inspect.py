@@ -9,6 +9,7 @@ pseudo-words, each caption word's effect, and S* saved to / loaded from safetens
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -305,6 +306,11 @@ def token_metadata(insp: Inspector, image: Image.Image, method: str, oti: OTICon
         settings["phi"] = insp.service.phi_name
     return {"model": b.name, "pretrained": str(b.pretrained), "method": method, "token_width": b.token_width,
             "image_hash": image_key(image), "settings": settings}
+
+
+def token_digest(token: torch.Tensor) -> str:
+    """A short hash of S*'s float32 values: two runs made the same pseudo-word iff their digests agree."""
+    return hashlib.blake2b(token.detach().float().cpu().contiguous().numpy().tobytes(), digest_size=8).hexdigest()
 
 
 def save_token(path: str | Path, token: torch.Tensor, metadata: dict[str, Any]) -> Path:
