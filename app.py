@@ -30,9 +30,9 @@ import gradio as gr
 from app_inspector import add_inspector
 from isearle import demo as D
 from isearle.backbone import WeightsUnavailable
-from isearle.demo_inspector import InspectorViews
+from isearle.demo.inspector import InspectorViews
 from isearle.images import BadImage
-from isearle.service import set_threads
+from isearle.runtime import set_threads
 
 log = logging.getLogger("isearle.app")
 EXPECTED = (BadImage, D.CaptionError, ValueError, FileNotFoundError, WeightsUnavailable)
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     D.add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    log.setLevel(logging.INFO)
+    logging.getLogger("isearle").setLevel(logging.INFO)  # the library's progress notes (gallery builds)
     threads = set_threads()
     start = time.perf_counter()
     try:

@@ -1,6 +1,6 @@
 """The demo's pseudo-word inspector: six tabs under the results, each a named API endpoint (Gradio 6).
 
-Thin, like app.py: widgets wired to `isearle.demo_inspector.InspectorViews`, which calls
+Thin, like app.py: widgets wired to `isearle.demo.inspector.InspectorViews`, which calls
 `isearle.inspect` (the numbers) and the demo engine (references, thumbnails, ground truths).
 Endpoints: /watch_oti (streamed), /alone, /compare, /blend, /words, /download_token, /search_token.
 """
@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 import gradio as gr
 import pandas as pd
 
-from isearle.demo_inspector import InspectorViews
+from isearle.demo.inspector import InspectorViews
 
 BARS = 8  # nearest tokens / concepts shown as bars
 LOSS_COLORS = {"from phi (warm start)": "#4f46e5", "from noise N(0, 0.02)": "#f59e0b"}

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     import torch
 
     from isearle.backbone import load_backbone
-    from isearle.index import build_gallery_index, folder_items
+    from isearle.indexing import build_gallery_index, folder_items
 
     torch.manual_seed(0)
     backbone = load_backbone("ViT-B-32", None, "cpu")

@@ -38,7 +38,7 @@ def make_tasks(n: int, seed: int = 0) -> tuple[list, dict]:
     from isearle.oti import phrase_tasks
     from isearle.phrases import offline_generator
 
-    gen = offline_generator("generic", 8, seed)
+    gen = offline_generator(8, seed)
     bank = {c: gen(c) for c in NOUNS}
     rng = random.Random(seed)
     names = [rng.sample(NOUNS, 15) for _ in range(n)]

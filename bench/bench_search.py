@@ -88,7 +88,7 @@ def bench_size(n: int, n_queries: int, kinds: list[str], workdir: Path, data: st
         index = GalleryIndex.build(x, ids, None, cfg, {"model": "random", "pretrained": None})
         build_s = time.perf_counter() - t
         if kind == "flat":
-            _, labels = index._index.search(queries, 10)  # exact ground truth (batched)
+            _, labels = index.faiss_index.search(queries, 10)  # exact ground truth (batched)
             truth = labels
         directory = workdir / f"{kind}_{n}"
         index.save(directory)
@@ -110,12 +110,12 @@ def bench_size(n: int, n_queries: int, kinds: list[str], workdir: Path, data: st
         # Cheap extra operating points: search parameters only.
         if kind == "hnsw":
             index.config.hnsw_ef_search = 256
-            index._apply_search_params()
+            index.apply_search_params()
             rows.append(row("d search", case, "HNSW32 efSearch 256: recall@10", recall_at_10(index, queries, truth),
                             "", "", f"p50 {latency_ms(index, queries, n_queries)[0]:.2f} ms"))
         if kind == "ivfpq":
             index.config.ivf_nprobe = 64
-            index._apply_search_params()
+            index.apply_search_params()
             rows.append(row("d search", case, "IVF-PQ64 nprobe 64 + SQ8 re-rank x8: recall@10",
                             recall_at_10(index, queries, truth), "", "",
                             f"p50 {latency_ms(index, queries, n_queries)[0]:.2f} ms"))

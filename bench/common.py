@@ -36,7 +36,7 @@ def setup_threads() -> int:
     """torch threads = the CPU quota; FAISS single-threaded (single queries), as in the service."""
     import torch
 
-    from isearle.backbone import cpu_quota
+    from isearle.runtime import cpu_quota
 
     n = cpu_quota()
     torch.set_num_threads(n)
@@ -139,7 +139,7 @@ def machine() -> str:
         load = ", load avg {:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg())
     import faiss
 
-    from isearle.backbone import cpu_quota
+    from isearle.runtime import cpu_quota
 
     return (f"{cpu}, {cpu_quota()} cores for this process{mem}{load}; Python {platform.python_version()}, "
             f"torch {torch.__version__}, faiss {faiss.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")

@@ -31,6 +31,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from isearle import demo as D  # noqa: E402
+from isearle.testing import AppProcess, latency_stats  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     other_captions = list(D.SHAPES_CAPTIONS)
 
     start = time.perf_counter()
-    with D.AppProcess(app_args, env, log=tmp / "app.log") as app:
+    with AppProcess(app_args, env, log=tmp / "app.log") as app:
         startup = time.perf_counter() - start
         client = Client(app.url, verbose=False, download_files=False, analytics_enabled=False)
         info = client.predict(api_name="/info")
@@ -96,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "backbone": info["label"], "method": method, "k": args.k, "steps": args.steps if method == "oti" else None,
         "startup_s": round(startup, 1), "first_query_ms": round(first, 1),
-        "client_ms": {k: {s: round(v, 1) for s, v in D.latency_stats(v).items()} for k, v in timings.items()},
-        "server_ms": {k: {s: round(v, 1) for s, v in D.latency_stats(v).items()} for k, v in server.items()},
+        "client_ms": {k: {s: round(v, 1) for s, v in latency_stats(v).items()} for k, v in timings.items()},
+        "server_ms": {k: {s: round(v, 1) for s, v in latency_stats(v).items()} for k, v in server.items()},
         "cpu_threads": os.cpu_count(),
     }
     print(f"{info['label']} · method {method} · top-{args.k} · start-up {startup:.1f} s · first query {first:.0f} ms")

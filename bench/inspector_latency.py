@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from isearle import demo as D  # noqa: E402
+from isearle.testing import AppProcess, latency_stats  # noqa: E402
 
 CAPTION_10 = "make the small cross orange and put it at top"  # 10 words
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {"watch_interval": [], "watch_first": [], "watch_total": [], "blend_first": [],
                                      "blend": [], "blend_handler": [], "words": [], "words_handler": []}
     try:
-        with D.AppProcess(app_args, env, log=tmp / "app.log") as app:
+        with AppProcess(app_args, env, log=tmp / "app.log") as app:
             client = Client(app.url, verbose=False, download_files=False)
             for i, (path, caption) in enumerate(refs[: args.n]):
                 start = time.perf_counter()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
                     times["words_handler"].append(data["elapsed_ms"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    stats = {name: D.latency_stats(v) for name, v in times.items()}
+    stats = {name: latency_stats(v) for name, v in times.items()}
     load = os.getloadavg()
     out = {"steps": args.steps, "every": args.every, "n": args.n, "load_average": [round(x, 2) for x in load],
            "ms": stats}

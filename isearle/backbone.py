@@ -16,13 +16,12 @@ from pathlib import Path
 import open_clip
 import torch
 import torchvision.transforms.functional as TF
+from open_clip.transformer import text_global_pool
 from PIL import Image
 from torchvision import transforms as T
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-REPO_DIR = PACKAGE_DIR.parent
-ASSETS_DIR = Path(os.environ.get("ISEARLE_ASSETS", REPO_DIR / "assets"))
-CONFIG_DIR = PACKAGE_DIR / "model_configs"
+from isearle import paths
+from isearle.runtime import hub_offline
 
 #: The paper's OpenAI weights were trained with QuickGELU; plain "ViT-B-32" + "openai" silently
 #: builds GELU and loses accuracy, so those names are mapped to their QuickGELU variants.
@@ -46,27 +45,10 @@ def pick_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def cpu_quota() -> int:
-    """CPUs this process may use (cgroup cpu.max when set, else os.cpu_count())."""
-    quota = os.cpu_count() or 1
-    try:
-        max_us, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if max_us != "max":
-            quota = max(1, min(quota, int(int(max_us) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return quota
-
-
-def hub_offline() -> bool:
-    """True when the Hugging Face hub must not be contacted."""
-    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
-
-
 _registered = False
 
 
-def register_model_configs(path: Path = CONFIG_DIR) -> None:
+def register_model_configs(path: Path = paths.CONFIG_DIR) -> None:
     """Make the project's model configs loadable by name (idempotent)."""
     global _registered  # cache flag: registration is process-wide in open_clip too
     if not _registered:
@@ -166,9 +148,6 @@ class Backbone:
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
 
-    def load_image(self, image: Image.Image) -> torch.Tensor:
-        return self.preprocess(image)
-
     @torch.inference_mode()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         """Un-normalised image features of a preprocessed batch (what phi takes as input)."""
@@ -182,10 +161,43 @@ class Backbone:
     @torch.inference_mode()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Un-normalised text features (plain prompts, no placeholder)."""
-        from isearle.pseudo_word import encode_tokens
-
         with self.autocast:
             return encode_tokens(self, self.tokenize(texts)).float()
+
+
+def encode_tokens(
+    backbone: Backbone,
+    tokens: torch.Tensor,
+    pseudo_tokens: torch.Tensor | None = None,
+    truncate: bool = True,
+) -> torch.Tensor:
+    """Text features (un-normalised) of token ids, with S* in place of "$" when given.
+
+    `pseudo_tokens` is [B, width] (one per row) or [width] (broadcast to every row). With
+    `truncate`, positions after the batch's last end-of-text token are never computed.
+    """
+    text = backbone.text
+    tokens = tokens.to(backbone.device)
+    eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
+    mask = getattr(text, "attn_mask", None)
+    length = int(eot.max()) + 1 if truncate and mask is not None else tokens.shape[1]
+    tokens = tokens[:, :length]
+    cast = text.transformer.get_cast_dtype()
+    x = text.token_embedding(tokens).to(cast)
+    if pseudo_tokens is not None:
+        where = (tokens == backbone.placeholder_id).unsqueeze(-1)
+        pseudo = pseudo_tokens.to(cast)
+        pseudo = pseudo.expand(tokens.shape[0], -1) if pseudo.dim() == 1 else pseudo
+        x = torch.where(where, pseudo.unsqueeze(1), x)
+    x = x + text.positional_embedding[:length].to(cast)
+    x = text.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+    x = text.ln_final(x)
+    pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+    x = text_global_pool(x, tokens, pool_type)
+    proj = text.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x
 
 
 def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
@@ -193,7 +205,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
     if pretrained is None or Path(pretrained).is_file():
         return pretrained
     if pretrained in BUNDLED_WEIGHTS:
-        path = ASSETS_DIR / BUNDLED_WEIGHTS[pretrained]
+        path = paths.ASSETS_DIR / BUNDLED_WEIGHTS[pretrained]
         if not path.is_file():
             raise WeightsUnavailable(
                 f"bundled weights for {name!r} are missing at {path}: restore assets/ from git "
@@ -242,6 +254,13 @@ def _cached(cfg: dict) -> bool:
     return False
 
 
+def canonical_name(name: str | None, pretrained: str | None) -> str | None:
+    """The model name `load_backbone` builds: ViT-B-32 + openai -> ViT-B-32-quickgelu (as trained)."""
+    if pretrained == "openai" and name in QUICKGELU_ALIASES:
+        return QUICKGELU_ALIASES[name]
+    return name
+
+
 def load_backbone(
     name: str = "ViT-B-32",
     pretrained: str | None = "openai",
@@ -250,8 +269,7 @@ def load_backbone(
 ) -> Backbone:
     """Load an open_clip model for inference; `pretrained=None` gives random init (tests, speed)."""
     register_model_configs()
-    if pretrained == "openai" and name in QUICKGELU_ALIASES:
-        name = QUICKGELU_ALIASES[name]
+    name = canonical_name(name, pretrained)
     if name not in open_clip.list_models() and not name.startswith("hf-hub:"):
         raise WeightsUnavailable(f"unknown model {name!r}; see `open_clip.list_models()`")
     device = pick_device(device)

@@ -11,10 +11,9 @@ mean embedding of a description's words, so that one token can stand for a scene
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
-import os
 import random
 import time
 from collections.abc import Sequence
@@ -30,13 +29,21 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from isearle.backbone import ASSETS_DIR, REPO_DIR, Backbone, build_preprocess, register_model_configs
-from isearle.pseudo_word import encode_tokens
+from isearle.backbone import (
+    Backbone,
+    build_preprocess,
+    encode_tokens,
+    register_model_configs,
+)
+from isearle.paths import ASSETS_DIR, REPO_DIR
+from isearle.runtime import set_threads
 
 MODEL_NAME = "isearle-shapes"
 EXPORT_PATH = ASSETS_DIR / "models" / "isearle-shapes.safetensors"
 #: Held-out scene stream for zero-shot evaluation (training uses `TrainConfig.seed`, never this).
 EVAL_SEED = 987_654
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,13 +77,6 @@ class TrainConfig:
     #: embeddings, so that one token can stand for a scene (README: the offline world; 0: off).
     composite: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def set_threads(threads: int = 0) -> int:
-    """Use `threads` intra-op threads (0: the CPUs this process may run on)."""
-    n = threads or len(os.sched_getaffinity(0))
-    torch.set_num_threads(n)
-    return n
 
 
 # -------------------------------------------------------------------------------- datasets
@@ -130,7 +130,7 @@ class ShapesCaptions(Dataset):
 
     def caption(self, i: int) -> tuple[str, str]:
         """(caption, the description its composite word "$" stands for, or "" when it has none)."""
-        from isearle.shapes.world import caption, composite_caption
+        from isearle.shapes.captions import caption, composite_caption
 
         rng = random.Random((self.seed * 100_003 + self.step) * 1_000_003 + i)
         if self.composite and rng.random() < self.composite:
@@ -222,7 +222,7 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
     meta: dict[str, Any] = {"step": 0, "minutes": 0.0, "history": [], "config": asdict(config)}
     if config.resume and ckpt.is_file():
         meta = load_checkpoint(ckpt, model, optimizer)
-        print(f"resumed from {ckpt} at step {meta['step']} ({meta['minutes']:.1f} min)", flush=True)
+        log.info("resumed from %s at step %d (%.1f min)", ckpt, meta["step"], meta["minutes"])
     model.train()
     start_step, start_min, t0 = meta["step"], meta["minutes"], time.time()
     bar = tqdm(total=config.steps, initial=start_step, desc="train-clip", disable=not progress,
@@ -268,7 +268,7 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
             r = eval_fn(model)
             model.train()
             meta["history"].append({"step": step, "eval": r})
-            print(f"\nstep {step}: {r}", flush=True)
+            log.info("step %d: %s", step, r)
         if step % config.checkpoint_every == 0 or step >= config.steps:
             save_checkpoint(ckpt, model, optimizer, meta)
     bar.close()
@@ -297,7 +297,8 @@ def evaluate_zero_shot(backbone: Backbone, n: int = 1000, seed: int = EVAL_SEED,
     of another scene plus the edit that leads to this one. A hit is a top-1 image whose scene is the
     caption's (same attributes: a duplicate scene counts too); "full_strict" needs the exact image.
     """
-    from isearle.shapes.world import clause_caption, describe, edit_caption, render, scene_specs
+    from isearle.shapes.captions import clause_caption, describe, edit_caption
+    from isearle.shapes.world import render, scene_specs
 
     specs = scene_specs(n, seed)
     sigs = [s.signature() for s in specs]
@@ -339,7 +340,7 @@ def load_exported(model: torch.nn.Module, path: str | Path = EXPORT_PATH) -> tor
 
 def train_tiny_clip(config: TrainConfig, progress: bool = True) -> Path:
     """Train the shapes CLIP (resumable), measure zero-shot R@1, export fp16 weights; returns the weights path."""
-    threads = set_threads(config.threads)
+    threads = set_threads(config.threads, faiss_threads=None)
     register_model_configs()
     torch.manual_seed(config.seed)
     model, _, _ = open_clip.create_model_and_transforms(config.model, pretrained=None)
@@ -350,7 +351,7 @@ def train_tiny_clip(config: TrainConfig, progress: bool = True) -> Path:
     t = time.time()
     data = ShapesCaptions(config.n_scenes, config.seed, size, ctx, config.caption_weights, progress,
                           composite=config.composite)
-    print(f"rendered {len(data)} training scenes in {time.time() - t:.0f} s; {threads} threads", flush=True)
+    log.info("rendered %d training scenes in %.0f s; %d threads", len(data), time.time() - t, threads)
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         return evaluate_zero_shot(backbone_from_model(m, config.model), n=config.eval_scenes)
@@ -363,55 +364,9 @@ def train_tiny_clip(config: TrainConfig, progress: bool = True) -> Path:
              "eval": f"text-to-image R@1 over {config.eval_scenes} held-out scenes (seed {EVAL_SEED})",
              "config": asdict(config), "threads": threads}
     path = export_weights(model, config.export, stats)
-    print(json.dumps({k: stats[k] for k in ("steps", "minutes", "final_loss", "zero_shot_r1")}), flush=True)
-    print(f"exported {path} ({path.stat().st_size / 2**20:.1f} MiB)", flush=True)
+    log.info(json.dumps({k: stats[k] for k in ("steps", "minutes", "final_loss", "zero_shot_r1")}))
+    log.info("exported %s (%.1f MiB)", path, path.stat().st_size / 2**20)
     return path
 
 
 # ------------------------------------------------------------------------------------- CLI
-def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `isearle train-clip`."""
-    d = TrainConfig()
-    p.add_argument("--model", default=d.model, help="open_clip config name (default: the bundled isearle-shapes)")
-    p.add_argument("--steps", type=int, default=d.steps, help="training steps")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate")
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warmup steps")
-    p.add_argument("--time-budget", type=float, default=d.time_budget_min,
-                   help="minutes: the cosine schedule ends by then even if steps remain (0: off)")
-    p.add_argument("--scenes", type=int, default=d.n_scenes, help="training scenes rendered into the cache")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed of scenes, captions and batches")
-    p.add_argument("--caption-weights", type=float, nargs=4, default=list(d.caption_weights),
-                   metavar=("FULL", "PARTIAL", "CLAUSE", "EDIT"), help="sampling weights of the caption forms")
-    p.add_argument("--composite", type=float, default=d.composite,
-                   help="share of captions with one composite word standing for a description (0: off)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
-                   help="autocast dtype of the training forward pass")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
-    p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.pt)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between zero-shot evaluations (0: off)")
-    p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes of the zero-shot R@1")
-    p.add_argument("--export", default=d.export, help="fp16 safetensors written at the end")
-    p.add_argument("--eval-only", default=None, metavar="WEIGHTS",
-                   help="only measure zero-shot R@1 of these weights ('isearle-shapes': the bundled ones)")
-
-
-def train_clip_main(args: argparse.Namespace) -> int:
-    """`isearle train-clip`: train + export, or with --eval-only measure R@1 of existing weights."""
-    if args.eval_only:
-        from isearle.backbone import load_backbone
-
-        set_threads(args.threads)
-        backbone = load_backbone(args.model, args.eval_only, device="cpu")
-        print(json.dumps(evaluate_zero_shot(backbone, n=args.eval_scenes)))
-        return 0
-    config = TrainConfig(model=args.model, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                         weight_decay=args.weight_decay, warmup=args.warmup, time_budget_min=args.time_budget,
-                         n_scenes=args.scenes, seed=args.seed, caption_weights=tuple(args.caption_weights),
-                         precision=args.precision, composite=args.composite, threads=args.threads, out_dir=args.out_dir,
-                         resume=args.resume, eval_every=args.eval_every, eval_scenes=args.eval_scenes,
-                         export=args.export)
-    train_tiny_clip(config)
-    return 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
+import re
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from isearle.backbone import Backbone, WeightsUnavailable, hub_offline
+from isearle import paths
+from isearle.backbone import Backbone, WeightsUnavailable
+from isearle.runtime import hub_offline
 
 #: Prompt-ensembling templates (PALAVRA's 24).
 TEMPLATES: tuple[str, ...] = (
@@ -34,7 +36,6 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 OPENIMAGES_URL = "https://storage.googleapis.com/openimages/v7/oidv7-class-descriptions.csv"
-CACHE_DIR = Path(os.environ.get("ISEARLE_CACHE", Path.home() / ".cache" / "isearle"))
 
 
 def load_vocabulary(source: str) -> list[str]:
@@ -49,7 +50,7 @@ def load_vocabulary(source: str) -> list[str]:
             names[744], names[836] = "projectile", "sunglass"
         return names
     if source == "shapes":
-        from isearle.shapes.world import vocabulary
+        from isearle.shapes.captions import vocabulary
 
         return vocabulary()
     if source == "openimages":
@@ -63,7 +64,7 @@ def load_vocabulary(source: str) -> list[str]:
 
 def _openimages() -> list[str]:
     """The 20,931 Open Images V7 class display names (CC BY 4.0)."""
-    path = CACHE_DIR / "oidv7-class-descriptions.csv"
+    path = paths.CACHE_DIR / "oidv7-class-descriptions.csv"
     if not path.is_file():
         if hub_offline():
             raise WeightsUnavailable(f"Open Images class names are not cached at {path} and the network is "
@@ -120,10 +121,17 @@ class ConceptBank:
 
 
 def concept_bank(backbone: Backbone, source: str, cache_dir: str | Path | None = None,
-                 progress: bool = True) -> ConceptBank:
-    """The bank of `source` for `backbone`, built once and cached on disk (cache that says so)."""
-    key = f"{backbone.name}_{Path(str(backbone.pretrained)).stem}_{Path(source).stem}".replace("/", "-")
-    path = Path(cache_dir or CACHE_DIR / "concepts") / f"{key}.safetensors"
+                 progress: bool = True, cache: bool = True) -> ConceptBank:
+    """The bank of `source` for `backbone`, built once and cached on disk (unless not `cache`, e.g.
+    random-init weights). The cache key holds the weights' id (`weights.weights_fingerprint`: a local file's
+    digest), so a retrained model never meets the bank of its predecessor."""
+    if not cache:
+        return ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
+    from isearle.weights import weights_fingerprint
+
+    key = f"{backbone.name}_{weights_fingerprint(backbone.pretrained)}_{Path(source).stem}"
+    key = re.sub(r"[^A-Za-z0-9._-]+", "-", key)
+    path = Path(cache_dir or paths.CACHE_DIR / "concepts") / f"{key}.safetensors"
     if path.is_file():
         return ConceptBank.load(path)
     bank = ConceptBank.build(backbone, load_vocabulary(source), progress=progress)

@@ -28,22 +28,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from isearle.images import ImageList
-
-ImageSource = Path | Callable[[], Image.Image]
+from isearle.images import ImageSource, embed_images
 
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 DOMAINS: tuple[str, ...] = ("cartoon", "origami", "toy", "sculpture")
@@ -273,7 +267,7 @@ def load_imagenet_r(root: str | Path, domains: Sequence[str] = DOMAINS) -> Bench
 # ------------------------------------------------------------------------------------- shapes
 def default_shapes_dir() -> Path:
     """assets/shapescir (the project's bundled ShapesCIR benchmark)."""
-    from isearle.backbone import ASSETS_DIR
+    from isearle.paths import ASSETS_DIR
 
     return ASSETS_DIR / "shapescir"
 
@@ -332,35 +326,16 @@ def load_benchmarks(name: str, root: str | Path | None, split: str = "val", *,
 # -------------------------------------------------------------------------------- feature cache
 def default_cache_dir() -> Path:
     """$ISEARLE_CACHE/features (default ~/.cache/isearle/features)."""
-    return Path(os.environ.get("ISEARLE_CACHE", Path.home() / ".cache" / "isearle")) / "features"
+    from isearle import paths
 
-
-@functools.lru_cache(maxsize=8)
-def _file_hash(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as f:
-        return hashlib.blake2b(f.read(), digest_size=4).hexdigest()
-
-
-def _content_id(path: Path) -> str:
-    """8 hex digits of the file's content (cached per path, size and mtime); "missing" if absent."""
-    if not path.is_file():
-        return "missing"
-    st = path.stat()
-    return _file_hash(str(path), st.st_size, st.st_mtime_ns)
+    return paths.CACHE_DIR / "features"
 
 
 def backbone_key(name: str, pretrained: str | None, preprocess: str = "targetpad") -> str:
-    """A file-name-safe key for (backbone name, pretrained weights, preprocessing)."""
-    from isearle.backbone import ASSETS_DIR, BUNDLED_WEIGHTS
+    """A file-name-safe key for (backbone name, pretrained weights, preprocessing); local weights by digest."""
+    from isearle.weights import weights_fingerprint
 
-    tag = str(pretrained)
-    if pretrained in BUNDLED_WEIGHTS:  # bundled weights change with retraining: name + content hash
-        tag = f"{tag}-{_content_id(ASSETS_DIR / BUNDLED_WEIGHTS[pretrained])}"
-    elif pretrained is not None and (os.sep in tag or Path(tag).suffix):  # a local checkpoint: name + file id
-        p = Path(tag)
-        ident = f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" if p.is_file() else tag
-        tag = f"{p.stem}-{hashlib.blake2b(ident.encode(), digest_size=4).hexdigest()}"
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}__{tag}__{preprocess}")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}__{weights_fingerprint(pretrained)}__{preprocess}")
 
 
 class FeatureCache:
@@ -446,17 +421,14 @@ def extract_features_cached(backbone: object, ids: Sequence[str], sources: dict[
     batches (DataLoader, progress bar) and written to the cache every `flush_every` images."""
     todo = cache.missing(list(dict.fromkeys(ids)))
     if todo:
-        loader = DataLoader(ImageList([sources[i] for i in todo], backbone.preprocess), batch_size=batch_size,
-                            num_workers=num_workers, shuffle=False)
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
-        with tqdm(total=len(todo), desc=desc, disable=not progress, unit="img") as bar:
-            for idx, pixels in loader:
-                pending.append(backbone.encode_images(pixels).float().cpu())
-                pending_ids += [todo[i] for i in idx.tolist()]
-                bar.update(len(idx))
-                if len(pending_ids) >= flush_every:
-                    cache.add(pending_ids, torch.cat(pending))
-                    pending_ids, pending = [], []
+        for rows, feats, _ in embed_images(backbone, [sources[i] for i in todo], batch_size, num_workers,
+                                           progress, desc):
+            pending.append(feats)
+            pending_ids += [todo[i] for i in rows]
+            if len(pending_ids) >= flush_every:
+                cache.add(pending_ids, torch.cat(pending))
+                pending_ids, pending = [], []
         cache.add(pending_ids, torch.cat(pending) if pending else torch.empty(0))
     return cache.get(list(ids))

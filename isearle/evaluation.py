@@ -24,7 +24,6 @@ Protocol choices (see `isearle.metrics` for the ranking rules):
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import tempfile
@@ -53,6 +52,7 @@ from isearle.datasets import (
     load_benchmarks,
 )
 from isearle.oti import OTIConfig
+from isearle.phi import resolve_phi
 from isearle.retrieval import DEFAULT_TEMPLATE, METHODS, compose_queries
 
 #: Whether the reference image is removed from the ranking by default (see the module docstring).
@@ -274,19 +274,6 @@ def write_submissions(name: str, split: str, method: str, parts: Sequence[tuple[
 
 
 # ---------------------------------------------------------------------------------- runner
-def resolve_phi(phi: str | torch.nn.Module | None, backbone: Any) -> tuple[torch.nn.Module | None, str | None]:
-    """(phi module, its name) from a module, "searle" / "searle-xl" / a path, or the backbone's default."""
-    if isinstance(phi, torch.nn.Module):
-        return phi, type(phi).__name__
-    from isearle.phi import load_phi
-    from isearle.service import DEFAULT_PHI
-
-    spec = phi or DEFAULT_PHI.get((backbone.name, backbone.pretrained))
-    if spec is None:
-        return None, None
-    return load_phi(spec, backbone.device), str(spec)
-
-
 def _check_phi(phi: torch.nn.Module, backbone: Any) -> None:
     cfg = getattr(phi, "config", None)
     if cfg is not None and (cfg.input_dim, cfg.output_dim) != (backbone.embed_dim, backbone.token_width):
@@ -334,7 +321,7 @@ def evaluate(
     started = time.perf_counter()
     phi_net, phi_name = (None, None)
     if method == "phi" or (method == "oti" and phi is not None):
-        phi_net, phi_name = resolve_phi(phi, backbone)
+        phi_net, phi_name = resolve_phi(backbone, phi, required=True)
         if phi_net is None:
             raise ValueError(f"method 'phi' needs a phi network: pass --phi (searle, searle-xl or a checkpoint); "
                              f"{backbone.name}/{backbone.pretrained} has no default")
@@ -438,50 +425,6 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# -------------------------------------------------------------------------------------- CLI
-def add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `isearle eval`."""
-    from isearle.cli import add_backbone_arguments
-
-    add_backbone_arguments(p)
-    p.set_defaults(model=None, pretrained=None)
-    p.add_argument("--benchmark", required=True, choices=BENCHMARKS, help="which benchmark")
-    p.add_argument("--split", default=None, help="cirr: val|test1; circo: val|test; fashioniq: val; shapes: val|test "
-                                                 "(default val)")
-    p.add_argument("--method", choices=METHODS, default="phi", help="how the query is built (default phi)")
-    p.add_argument("--phi", default=None, help="searle, searle-xl, or a phi checkpoint (.safetensors or official .pt); "
-                                               "default: the backbone's (official SEARLE for OpenAI B/32 and L/14)")
-    p.add_argument("--data", "--dataset-path", dest="data", type=Path, default=None,
-                   help="dataset folder in its official layout (shapes: default assets/shapescir)")
-    p.add_argument("--template", default=DEFAULT_TEMPLATE, help='query prompt with "$" for S* and "{}" for the caption')
-    p.add_argument("--preprocess", choices=["targetpad", "clip"], default="targetpad", help="image preprocessing")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N queries (per category)")
-    p.add_argument("--categories", nargs="+", choices=FASHIONIQ_CATEGORIES, default=list(FASHIONIQ_CATEGORIES),
-                   help="FashionIQ categories")
-    p.add_argument("--domains", nargs="+", choices=DOMAINS, default=list(DOMAINS), help="ImageNet-R target domains")
-    p.add_argument("--exclude-reference", choices=["auto", "yes", "no"], default="auto",
-                   help="remove the reference image from the ranking (auto: yes for cirr and shapes)")
-    d = OTIConfig()
-    p.add_argument("--oti-steps", type=int, default=d.steps, help=f"OTI steps per image (paper: {d.steps})")
-    p.add_argument("--oti-batch-size", type=int, default=d.batch_size, help="images inverted together")
-    p.add_argument("--oti-lr", type=float, default=d.lr, help="OTI learning rate")
-    p.add_argument("--oti-gamma", type=float, default=d.gamma, help="iSEARLE noise std (0: SEARLE's OTI)")
-    p.add_argument("--oti-max-norm", type=float, default=d.max_norm,
-                   help="cap on ||S*|| in units of the mean token-embedding norm (0: no cap, SEARLE)")
-    p.add_argument("--oti-seed", type=int, default=d.seed, help="OTI seed")
-    p.add_argument("--oti-phrases", type=Path, default=None, help="phrase JSON (`isearle phrases`) for OTI's GPT loss")
-    p.add_argument("--oti-vocabulary", default="openimages", help="concept vocabulary for --oti-phrases")
-    p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="feature / OTI cache root (default $ISEARLE_CACHE or ~/.cache/isearle)")
-    p.add_argument("--no-cache", action="store_true", help="keep nothing on disk")
-    p.add_argument("--json", type=Path, default=None, help="write the results (metrics + meta) to this JSON file")
-    p.add_argument("--submission", type=Path, default=None,
-                   help="folder for test-server files (cirr, circo, shapes); default ./submissions on a test split")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-
-
 def default_backbone(benchmark: str, phi: str | None, model: str | None,
                      pretrained: str | None) -> tuple[str, str | None]:
     """(model, pretrained) when not given: the official phi's backbone, the shapes model, or OpenAI B/32."""
@@ -500,55 +443,12 @@ def default_backbone(benchmark: str, phi: str | None, model: str | None,
     return model, None if str(pretrained).lower() == "none" else pretrained
 
 
-def _limit_threads() -> None:
-    """torch threads = the CPU quota (`service.set_threads`); faiss, unused here, keeps its setting."""
-    from isearle.service import set_threads
-
-    try:
-        import faiss
-
-        faiss_threads = faiss.omp_get_max_threads()
-    except ImportError:
-        faiss = None
-    set_threads()
-    if faiss is not None:
-        faiss.omp_set_num_threads(faiss_threads)
-
-
-def eval_main(args: argparse.Namespace) -> int:
-    """`isearle eval`: evaluate, print the table, write JSON / submission files."""
-    from isearle.backbone import load_backbone
-
-    if args.data is None and args.benchmark != "shapes":
-        raise ValueError(f"--data (the {TITLES[args.benchmark]} folder, official layout) is required")
-    _limit_threads()
-    model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
-    backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
-    oti = OTIConfig(steps=args.oti_steps, batch_size=args.oti_batch_size, lr=args.oti_lr, gamma=args.oti_gamma,
-                    max_norm=args.oti_max_norm, seed=args.oti_seed)
-    exclude = {"auto": None, "yes": True, "no": False}[args.exclude_reference]
-    cache = None if args.no_cache else (args.cache_dir if args.cache_dir is not None else "default")
-    result = evaluate(
-        backbone, args.benchmark, args.split, args.method, args.phi, data=args.data, template=args.template,
-        limit=args.limit, exclude_reference=exclude, categories=args.categories, domains=args.domains, oti=oti,
-        oti_phrases=args.oti_phrases, oti_vocabulary=args.oti_vocabulary, cache_dir=cache,
-        batch_size=args.batch_size, num_workers=args.num_workers, submission_dir=args.submission,
-        preprocess=args.preprocess, progress=not args.quiet,
-    )
-    print(format_table(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(_jsonable(result), indent=1))
-        print(f"results: {args.json}")
-    return 0
-
-
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
     """NaN / inf -> None (strict JSON), recursively."""
     if isinstance(obj, float):
         return obj if obj == obj and abs(obj) != float("inf") else None
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     return obj

@@ -1,4 +1,4 @@
-"""Images in: safe opening of user files, image folders, and batched feature extraction.
+"""Images in: safe opening of user files, image folders, and the one batched embedding loop.
 
 Every image that enters the project (an upload, a dataset file) goes through `open_image`: a
 pixel limit against decompression bombs, EXIF orientation applied, any mode (palette, RGBA,
@@ -8,8 +8,9 @@ CMYK, 16-bit) converted to RGB, and one clear `BadImage` message for anything un
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -62,27 +63,87 @@ def list_images(folder: str | Path) -> list[Path]:
     return sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-class ImageList(Dataset):
-    """(index, pixels) for a list of loaders (paths, or callables that return a PIL image)."""
+ImageSource = str | Path | bytes | Image.Image | Callable[[], Image.Image]
 
-    def __init__(self, items: Sequence[str | Path | Callable[[], Image.Image]], preprocess: Callable) -> None:
+
+def load_item(item: ImageSource) -> Image.Image:
+    """An RGB image from a path, bytes, a PIL image, or a callable returning one (rendered scene, dataset row)."""
+    return open_image(item() if callable(item) else item)
+
+
+def thumbnail_jpeg(image: Image.Image, size: int = 256) -> bytes:
+    """A JPEG thumbnail (fit in `size` px, quality 90) of an image, for items that have no file."""
+    thumb = image.copy()
+    thumb.thumbnail((size, size))
+    buf = io.BytesIO()
+    thumb.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+class ImageList(Dataset):
+    """(row, pixels or None, error) for a list of image sources.
+
+    An unreadable image raises `BadImage`, or with `skip_unreadable` gives (row, None, reason).
+    `on_image(row, source, image)` sees every image read (e.g. to write its thumbnail); it must be
+    picklable when DataLoader workers run it.
+    """
+
+    def __init__(self, items: Sequence[ImageSource], preprocess: Callable, skip_unreadable: bool = False,
+                 on_image: Callable[[int, ImageSource, Image.Image], None] | None = None) -> None:
         self.items, self.preprocess = items, preprocess
+        self.skip_unreadable, self.on_image = skip_unreadable, on_image
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
-        item = self.items[i]
-        image = item() if callable(item) else open_image(item)
-        return i, self.preprocess(image)
+    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            image = load_item(self.items[row])
+        except BadImage as err:
+            if not self.skip_unreadable:
+                raise
+            return row, None, str(err)
+        if self.on_image is not None:
+            self.on_image(row, self.items[row], image)
+        return row, self.preprocess(image), ""
 
 
-def extract_features(backbone, items: Sequence, batch_size: int = 64, num_workers: int = 0,
+def collate(batch: list[tuple[int, torch.Tensor | None, str]]
+            ) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """(rows read, their pixels stacked or None, [(row, reason)] of unreadable ones)."""
+    good = [(r, p) for r, p, _ in batch if p is not None]
+    bad = [(r, e) for r, _, e in batch if e]
+    return [r for r, _ in good], torch.stack([p for _, p in good]) if good else None, bad
+
+
+def embed_images(backbone: Any, items: Sequence[ImageSource], batch_size: int = 64, num_workers: int = 0,
+                 progress: bool = True, desc: str = "features", skip_unreadable: bool = False,
+                 on_image: Callable[[int, ImageSource, Image.Image], None] | None = None,
+                 batches: Sequence[Sequence[int]] | None = None
+                 ) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """The one image-embedding loop: batches of (rows, un-normalised features [n, D] on CPU or None,
+    unreadable (row, reason)), in order. Decoding and preprocessing run in `num_workers` DataLoader
+    processes while the model encodes; a progress bar counts images. `batches` (lists of rows)
+    replaces consecutive batches of `batch_size`, e.g. to embed only what a resumed run lacks."""
+    dataset = ImageList(items, backbone.preprocess, skip_unreadable, on_image)
+    if batches is None:
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False, collate_fn=collate)
+        done = 0
+    else:
+        loader = DataLoader(dataset, batch_sampler=[list(b) for b in batches], num_workers=num_workers,
+                            collate_fn=collate)
+        done = len(items) - sum(len(b) for b in batches)
+    with tqdm(total=len(items), initial=done, desc=desc, unit="img", disable=not progress) as bar:
+        for rows, pixels, bad in loader:
+            feats = backbone.encode_images(pixels).float().cpu() if pixels is not None else None
+            yield rows, feats, bad
+            bar.update(len(rows) + len(bad))
+
+
+def extract_features(backbone: Any, items: Sequence[ImageSource], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "features") -> torch.Tensor:
-    """Un-normalised image features [N, D] of paths or image callables, batched, in order."""
-    loader = DataLoader(ImageList(items, backbone.preprocess), batch_size=batch_size,
-                        num_workers=num_workers, shuffle=False)
+    """Un-normalised image features [N, D] of image sources, batched, in order (BadImage if one is unreadable)."""
     out = torch.empty(len(items), backbone.embed_dim)
-    for idx, pixels in tqdm(loader, desc=desc, disable=not progress):
-        out[idx] = backbone.encode_images(pixels).cpu()
+    for rows, feats, _ in embed_images(backbone, items, batch_size, num_workers, progress, desc):
+        out[rows] = feats
     return out

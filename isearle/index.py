@@ -7,20 +7,17 @@ is a folder: `index.faiss` (FAISS), `index.json` (backbone, sizes, config) and `
 and metadata in row order). `GalleryIndex.load(dir, mmap=True)` memory-maps the vectors, so a
 large gallery opens in milliseconds and is shared between processes through the page cache.
 
-`build_gallery_index` embeds images with a DataLoader (batched, optional worker processes) and is
-what `isearle index` runs; `--ray` hands the embedding to Ray Data (`isearle.scale`).
+`isearle.indexing.build_gallery_index` embeds images into one (what `isearle index` runs).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import logging
 import math
-import sys
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -28,15 +25,9 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from isearle.artifacts import (
     ArtifactError,
-    Progress,
-    atomic_path,
     check_file,
     check_format,
     display,
@@ -44,7 +35,9 @@ from isearle.artifacts import (
     recover_group,
     write_group,
 )
-from isearle.backbone import QUICKGELU_ALIASES, REPO_DIR, Backbone
+from isearle.backbone import Backbone, canonical_name
+from isearle.paths import REPO_DIR
+from isearle.runtime import set_threads
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -116,13 +109,6 @@ def _as_matrix(x: np.ndarray | torch.Tensor, dim: int | None = None) -> np.ndarr
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def canonical_backbone(name: str | None, pretrained: str | None) -> tuple[str | None, str | None]:
-    """(name, pretrained) as `load_backbone` resolves it (ViT-B-32 + openai -> ViT-B-32-quickgelu)."""
-    if pretrained == "openai" and name in QUICKGELU_ALIASES:
-        name = QUICKGELU_ALIASES[name]
-    return name, pretrained
-
-
 @contextlib.contextmanager
 def _faiss_threads(n_rows: int) -> Iterator[None]:
     """One FAISS thread for a few queries (OpenMP start-up costs more than it saves), else torch's
@@ -134,7 +120,7 @@ def _faiss_threads(n_rows: int) -> Iterator[None]:
         yield
     finally:
         if torch.get_num_threads() != torch_threads:
-            torch.set_num_threads(torch_threads)
+            set_threads(torch_threads, faiss_threads=None)
 
 
 class GalleryIndex:
@@ -196,8 +182,9 @@ class GalleryIndex:
         inner.train(sample)
         return faiss.IndexIDMap2(inner)
 
-    def _apply_search_params(self) -> None:
-        """Set efSearch / nprobe / k_factor from the config (they are not all kept by FAISS files)."""
+    def apply_search_params(self) -> None:
+        """Set efSearch / nprobe / k_factor from the config (they are not all kept by FAISS files);
+        call it after changing those fields of `self.config`."""
         if self._index is None:
             return
         inner = faiss.downcast_index(self._index.index)
@@ -215,7 +202,7 @@ class GalleryIndex:
         if self._view_of is not None:
             self._index = faiss.read_index(str(self._view_of))
             self._view_of = None
-            self._apply_search_params()
+            self.apply_search_params()
 
     def vectors(self) -> np.ndarray:
         """All stored vectors [N, D] in row order (exact for flat and HNSW, decoded for IVF-PQ)."""
@@ -232,7 +219,7 @@ class GalleryIndex:
         if len(x):
             index.add_with_ids(x, np.arange(len(x), dtype=np.int64))
         self._index, self.kind, self._view_of = index, kind, None
-        self._apply_search_params()
+        self.apply_search_params()
 
     def add(self, features: np.ndarray | torch.Tensor, ids: Sequence[Any],
             metadata: Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]] | None = None) -> None:
@@ -325,11 +312,9 @@ class GalleryIndex:
         return None
 
     @property
-    def nbytes(self) -> int:
-        """Serialised size of the FAISS index (vectors, graph or codes, id map)."""
-        if self._index is None:
-            return 0
-        return int(faiss.serialize_index(self._index).size)
+    def faiss_index(self) -> faiss.Index | None:
+        """The underlying FAISS index (row labels), e.g. for a benchmark's exact ground truth."""
+        return self._index
 
     # ------------------------------------------------------------------------------ storage
     def save(self, directory: str | Path) -> Path:
@@ -400,7 +385,7 @@ class GalleryIndex:
                                 f"vectors, {len(index.ids)} {index.dim}-d items)", remedy)
         if index._index.ntotal == 0 and index.config.kind in ("hnsw", "ivfpq"):
             index._index, index._view_of, index.kind = None, None, index.config.kind  # built on first add
-        index._apply_search_params()
+        index.apply_search_params()
         return index
 
 
@@ -421,302 +406,11 @@ def check_backbone(info: Mapping[str, Any], expected: str | tuple[str | None, st
         (name, pretrained), check_pretrained = expected, True
     else:
         name, pretrained, check_pretrained = expected, None, False
-    have = canonical_backbone(info.get("model"), info.get("pretrained"))
-    want = canonical_backbone(name, pretrained if check_pretrained else info.get("pretrained"))
+    have = canonical_name(info.get("model"), info.get("pretrained")), info.get("pretrained")
+    want_pretrained = pretrained if check_pretrained else info.get("pretrained")
+    want = canonical_name(name, want_pretrained), want_pretrained
     same_name = want[0] == have[0] or (not check_pretrained and name in (info.get("model"), have[0]))
     if not same_name or (check_pretrained and want[1] != have[1]):
         raise BackboneMismatch(
             where, f"was embedded with {info.get('model')}/{info.get('pretrained')}, not "
             f"{name}/{pretrained if check_pretrained else '*'}", f"rebuild it with `isearle index --model {name}`")
-
-
-# --------------------------------------------------------------------------- building from images
-ImageSource = str | Path | Image.Image | Callable[[], Image.Image]
-
-
-def load_item(item: ImageSource) -> Image.Image:
-    """A PIL image from a path, a PIL image, or a callable returning one (rendered scene, dataset row)."""
-    from isearle.images import open_image
-
-    if isinstance(item, Image.Image):
-        return open_image(item)
-    if callable(item):
-        return open_image(item())
-    return open_image(item)
-
-
-class GalleryImages(Dataset):
-    """(row, pixels or None) for (id, image source, metadata) triples; unreadable images give None.
-
-    With `thumb_dir`, a JPEG thumbnail is written for every item that has no file path (dataset
-    rows, rendered scenes), so that a demo can show them.
-    """
-
-    def __init__(self, items: Sequence[tuple[str, ImageSource, dict]], preprocess: Callable,
-                 thumb_dir: Path | None = None, thumb_size: int = 256, thumb_offset: int = 0) -> None:
-        self.items, self.preprocess, self.thumb_dir, self.thumb_size = items, preprocess, thumb_dir, thumb_size
-        self.thumb_offset = thumb_offset
-
-    def thumbnail_name(self, row: int) -> str:
-        """File name of row `row`'s thumbnail (numbered by gallery row, so appends never collide)."""
-        return f"{self.thumb_offset + row:07d}.jpg"
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, row: int) -> tuple[int, torch.Tensor | None, str]:
-        from isearle.images import BadImage
-
-        _, source, _ = self.items[row]
-        try:
-            image = load_item(source)
-        except BadImage as err:
-            return row, None, str(err)
-        if self.thumb_dir is not None and not isinstance(source, (str, Path)):
-            thumb = image.copy()
-            thumb.thumbnail((self.thumb_size, self.thumb_size))
-            with atomic_path(self.thumb_dir / self.thumbnail_name(row)) as tmp:
-                thumb.save(tmp, format="JPEG", quality=90)
-        return row, self.preprocess(image), ""
-
-
-def _collate(batch: list[tuple[int, torch.Tensor | None, str]]) -> tuple[list[int], torch.Tensor | None, list]:
-    good = [(r, p) for r, p, _ in batch if p is not None]
-    bad = [(r, e) for r, _, e in batch if e]
-    pixels = torch.stack([p for _, p in good]) if good else None
-    return [r for r, _ in good], pixels, bad
-
-
-def _prepare_items(images: Iterable[tuple[Any, ImageSource, Mapping[str, Any] | None]]
-                   ) -> list[tuple[str, ImageSource, dict]]:
-    items = []
-    for item_id, source, meta in images:
-        meta = dict(meta or {})
-        if isinstance(source, (str, Path)):
-            meta.setdefault("path", str(source))
-        items.append((str(item_id), source, meta))
-    return items
-
-
-def backbone_info(backbone: Backbone) -> dict[str, Any]:
-    """What an index records about the model that embedded it."""
-    return {"model": backbone.name, "pretrained": backbone.pretrained, "embed_dim": backbone.embed_dim}
-
-
-def _items_and_index(backbone: Backbone, images: Iterable, index: GalleryIndex | None,
-                     config: IndexConfig | None) -> tuple[list, GalleryIndex]:
-    """The (id, source, metadata) items not in the index yet, and the index they go into: a new
-    one, or one of the same backbone (ids it already holds are skipped and counted in the log)."""
-    items = _prepare_items(images)
-    if index is None:
-        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
-    else:
-        check_backbone(index.info, backbone)
-    new = [item for item in items if item[0] not in index]
-    if len(new) < len(items):
-        log.info("%d of %d images are already in the index: skipped", len(items) - len(new), len(items))
-    return new, index
-
-
-def build_gallery_index(
-    backbone: Backbone,
-    images: Iterable[tuple[Any, ImageSource, Mapping[str, Any] | None]],
-    batch_size: int = 64,
-    num_workers: int = 0,
-    progress: bool = True,
-    config: IndexConfig | None = None,
-    thumbnails: str | Path | None = None,
-    index: GalleryIndex | None = None,
-    checkpoint: str | Path | None = None,
-) -> GalleryIndex:
-    """Embed (id, image, metadata) triples and index them (into `index` when given: incremental;
-    ids it already holds are skipped).
-
-    Images are paths, PIL images or callables; decoding and preprocessing run in `num_workers`
-    DataLoader processes while the model encodes batches of `batch_size`. Unreadable images are
-    skipped with a warning and listed in `info["skipped"]`. `thumbnails` is the index folder under
-    which `thumbs/` receives JPEGs for items without a file path (their metadata gets "thumbnail").
-    With `checkpoint` (a folder), every embedded batch is kept there (`isearle.artifacts.Progress`):
-    a run killed at any moment resumes at the first missing batch and gives the same index.
-    """
-    items, index = _items_and_index(backbone, images, index, config)
-    thumb_dir = None
-    if thumbnails is not None:
-        thumb_dir = Path(thumbnails) / "thumbs"
-        thumb_dir.mkdir(parents=True, exist_ok=True)
-    dataset = GalleryImages(items, backbone.preprocess, thumb_dir, thumb_offset=len(index))
-    batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
-    done: Progress | None = None
-    if checkpoint is not None:
-        done = Progress(checkpoint, {"what": "index", "backbone": backbone_info(backbone), "base": len(index),
-                                     "batch_size": batch_size, "thumbs": thumb_dir is not None,
-                                     "ids": [i for i, _, _ in items]})
-    todo = [b for b in range(len(batches)) if done is None or not done.has(b)]
-    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in todo], num_workers=num_workers,
-                        collate_fn=_collate, persistent_workers=False)
-    skipped: list[str] = list(index.info.get("skipped", []))
-
-    def add(rows: list[int], feats: torch.Tensor, bad: list[tuple[int, str]]) -> None:
-        for r, err in bad:
-            tqdm.write(f"warning: skipped {items[r][0]}: {err}", file=sys.stderr)
-            if items[r][0] not in skipped:
-                skipped.append(items[r][0])
-        metas = []
-        for r in rows:
-            meta = items[r][2]
-            if thumb_dir is not None and "path" not in meta:
-                meta = {**meta, "thumbnail": f"thumbs/{dataset.thumbnail_name(r)}"}
-            metas.append(meta)
-        if rows:
-            index.add(feats, [items[r][0] for r in rows], metas)
-
-    with tqdm(total=len(items), initial=len(items) - sum(len(batches[b]) for b in todo), desc="index",
-              unit="img", disable=not progress) as bar:
-        for b, (rows, pixels, bad) in zip(todo, loader, strict=True):
-            feats = torch.zeros(0, backbone.embed_dim)
-            if pixels is not None:
-                feats = F.normalize(backbone.encode_images(pixels).float(), dim=-1).cpu()
-            if done is None:
-                add(rows, feats, bad)
-            else:
-                done.save(b, {"features": feats}, {"rows": rows, "bad": bad})
-            bar.update(len(rows) + len(bad))
-    if done is not None:  # every batch is on disk: add them in order, as an uninterrupted run does
-        for b in range(len(batches)):
-            tensors, meta = done.load(b)
-            add(meta["rows"], tensors["features"], [tuple(x) for x in meta["bad"]])
-    if skipped:
-        index.info["skipped"] = skipped
-    return index
-
-
-# ------------------------------------------------------------------------------------- sources
-def folder_items(folder: str | Path) -> list[tuple[str, Path, dict]]:
-    """(id = path relative to `folder`, path, {"path"}) for every image file under `folder`."""
-    from isearle.images import list_images
-
-    root = Path(folder)
-    return [(str(p.relative_to(root)), p, {"path": str(p)}) for p in list_images(root)]
-
-
-class HFRow:
-    """A lazy image loader for row `row` of a Hugging Face dataset (picklable for DataLoader workers)."""
-
-    def __init__(self, dataset: Any, column: str, row: int) -> None:
-        self.dataset, self.column, self.row = dataset, column, row
-
-    def __call__(self) -> Image.Image:
-        value = self.dataset[self.row][self.column]
-        if isinstance(value, Image.Image):
-            return value
-        if isinstance(value, dict) and value.get("bytes"):
-            import io
-
-            return Image.open(io.BytesIO(value["bytes"]))
-        if isinstance(value, dict) and value.get("path"):
-            return Image.open(value["path"])
-        raise ValueError(f"row {self.row} column {self.column!r} holds no image")
-
-
-def hf_items(name: str, split: str = "train", image_column: str | None = None,
-             id_column: str | None = None, limit: int | None = None) -> list[tuple[str, HFRow, dict]]:
-    """(id, lazy loader, metadata) for the images of a Hugging Face dataset (local or cached when offline)."""
-    import datasets
-
-    ds = datasets.load_dataset(name, split=split)
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    if image_column is None:
-        image_column = next((c for c, f in ds.features.items() if isinstance(f, datasets.Image)), None)
-        if image_column is None:
-            raise ValueError(f"dataset {name} has no image column; pass --hf-image-column")
-    ids = [str(v) for v in ds[id_column]] if id_column else [f"{split}/{r}" for r in range(len(ds))]
-    return [(i, HFRow(ds, image_column, r), {"dataset": name, "split": split, "row": r})
-            for r, i in enumerate(ids)]
-
-
-# ------------------------------------------------------------------------------------------ CLI
-def add_index_arguments(p: argparse.ArgumentParser) -> None:
-    """Arguments of `isearle index`."""
-    from isearle.cli import add_backbone_arguments
-
-    d = IndexConfig()
-    add_backbone_arguments(p)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--images", type=Path, help="folder of images (searched recursively; ids are relative paths)")
-    g.add_argument("--hf-dataset", help="Hugging Face dataset name or local dataset script/folder")
-    g.add_argument("--shapes", type=int, metavar="N", help="render N scenes of the offline shapes world")
-    p.add_argument("--shapes-seed", type=int, default=1000, help="seed of the rendered shapes scenes")
-    p.add_argument("--hf-split", default="train", help="dataset split")
-    p.add_argument("--hf-image-column", default=None, help="image column (default: the first Image feature)")
-    p.add_argument("--hf-id-column", default=None, help="id column (default: split/row)")
-    p.add_argument("--limit", type=int, default=None, help="index only the first N images")
-    p.add_argument("--out", type=Path, default=Path("gallery_index"), help="index folder")
-    p.add_argument("--append", action="store_true", help="add to the index in --out instead of replacing it")
-    p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
-    p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
-    p.add_argument("--kind", choices=KINDS, default=d.kind, help="FAISS structure (auto: flat, then --approximate)")
-    p.add_argument("--flat-threshold", type=int, default=d.flat_threshold, help="largest exact (flat) index for --kind auto")
-    p.add_argument("--approximate", choices=["hnsw", "ivfpq"], default=d.approximate, help="index above the threshold")
-    p.add_argument("--hnsw-m", type=int, default=d.hnsw_m, help="HNSW links per node")
-    p.add_argument("--ef-search", type=int, default=d.hnsw_ef_search, help="HNSW efSearch")
-    p.add_argument("--nprobe", type=int, default=d.ivf_nprobe, help="IVF lists probed per query")
-    p.add_argument("--thumbnails", action="store_true",
-                   help="store JPEG thumbnails of images without a file (always for --hf-dataset; shapes scenes keep their spec)")
-    p.add_argument("--ray", action="store_true", help="embed on Ray Data (local Ray unless --ray-address)")
-    p.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001 or auto)")
-    p.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
-
-
-def _shapes_items(n: int, seed: int, size: int) -> list[tuple[str, Any, dict]]:
-    from isearle.shapes.world import scene_source
-
-    ids, items = scene_source(n, seed, size)
-    out = []
-    for i, item in zip(ids, items, strict=True):
-        meta: dict[str, Any] = {"scene_seed": seed}
-        # scene_source gives functools.partial(render_dict, spec_dict, size): keep the spec, so that
-        # the demo re-renders the scene at any size instead of storing a thumbnail.
-        args = getattr(item, "args", ())
-        if args and isinstance(args[0], dict):
-            meta["scene"] = args[0]
-        out.append((str(i), item, meta))
-    return out
-
-
-def index_main(args: argparse.Namespace) -> int:
-    """`isearle index`: embed a folder, a Hugging Face dataset or shapes scenes into a gallery index."""
-    from isearle.cli import backbone_from
-
-    backbone = backbone_from(args)
-    if args.images is not None:
-        items: list = folder_items(args.images)
-    elif args.hf_dataset is not None:
-        items = hf_items(args.hf_dataset, args.hf_split, args.hf_image_column, args.hf_id_column, args.limit)
-    else:
-        items = _shapes_items(args.shapes, args.shapes_seed, backbone.image_size)
-    items = items[: args.limit]
-    if not items:
-        raise ValueError("no images found to index")
-    config = IndexConfig(kind=args.kind, flat_threshold=args.flat_threshold, approximate=args.approximate,
-                         hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search, ivf_nprobe=args.nprobe)
-    index = None
-    if args.append and (args.out / INFO_FILE).is_file():
-        index = GalleryIndex.load(args.out, mmap=False, expect_backbone=backbone)
-        known = sum(1 for i, _, _ in items if str(i) in index)
-        if known:
-            print(f"{known} of {len(items)} images are already in {args.out}: skipped", file=sys.stderr)
-    thumbs = args.out if (args.thumbnails or args.hf_dataset is not None) else None
-    if args.ray:
-        from isearle.scale import ray_build_gallery_index
-
-        index = ray_build_gallery_index(backbone, items, batch_size=args.batch_size, config=config,
-                                        index=index, address=args.ray_address, num_workers=args.ray_workers,
-                                        thumbnails=thumbs)
-    else:
-        index = build_gallery_index(backbone, items, args.batch_size, args.num_workers, True, config,
-                                    thumbs, index, checkpoint=args.out / PROGRESS_DIR)
-    index.save(args.out)
-    Progress.discard(args.out / PROGRESS_DIR)
-    print(f"{len(index)} images ({index.kind}, {index.dim}-d, {backbone.name}) indexed in {args.out}")
-    return 0

@@ -8,15 +8,17 @@ official SEARLE checkpoints ({"epoch", "Phi": state_dict}) load with torch.load(
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from isearle.backbone import WeightsUnavailable, hub_offline
+from isearle import paths
+from isearle.backbone import WeightsUnavailable
+from isearle.runtime import hub_offline
 
 #: Official SEARLE weights (GitHub release "weights" of miccunifi/SEARLE) and their backbones.
 OFFICIAL = {
@@ -24,7 +26,13 @@ OFFICIAL = {
     "searle-xl": ("SEARLE_ViT-L14.pt", "ViT-L-14"),
 }
 OFFICIAL_URL = "https://github.com/miccunifi/SEARLE/releases/download/weights/{}"
-CACHE_DIR = Path(os.environ.get("ISEARLE_CACHE", Path.home() / ".cache" / "isearle"))
+
+#: Default phi per (model, pretrained) when none is given.
+DEFAULT_PHI = {
+    ("isearle-shapes", "isearle-shapes"): str(paths.ASSETS_DIR / "models" / "isearle-shapes-phi.safetensors"),
+    ("ViT-B-32-quickgelu", "openai"): "searle",
+    ("ViT-L-14-quickgelu", "openai"): "searle-xl",
+}
 
 
 @dataclass
@@ -88,7 +96,7 @@ def load_official_searle(path: str | Path) -> Phi:
 def official_checkpoint(name: str) -> Path:
     """Path of an official SEARLE checkpoint, downloaded once into the cache when online."""
     filename, _ = OFFICIAL[name]
-    path = CACHE_DIR / filename
+    path = paths.CACHE_DIR / filename
     if path.is_file():
         return path
     if hub_offline():
@@ -120,3 +128,23 @@ def load_phi(spec: str | Path, device: str | torch.device = "cpu") -> Phi:
         else:
             phi = load_official_searle(path)
     return phi.to(device).eval().requires_grad_(False)
+
+
+def resolve_phi(backbone: Any, spec: str | Path | nn.Module | None = None, required: bool = False
+                ) -> tuple[Phi | None, str | None]:
+    """(phi, its name): `spec` (a module, "searle", "searle-xl" or a checkpoint), else the backbone's default.
+
+    A default that cannot be had gives (None, None), so that only method phi is lost, unless
+    `required` (evaluation of method phi); a named `spec` that cannot be had always raises.
+    """
+    if isinstance(spec, nn.Module):
+        return spec, type(spec).__name__
+    name = spec or DEFAULT_PHI.get((backbone.name, backbone.pretrained))
+    if not name:
+        return None, None
+    try:
+        return load_phi(name, backbone.device), str(name)
+    except WeightsUnavailable:
+        if spec or required:
+            raise
+        return None, None

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from isearle.backbone import WeightsUnavailable, hub_offline
+from isearle.backbone import WeightsUnavailable
 from isearle.oti import replace_concept
+from isearle.runtime import hub_offline
 
 PROMPT = "a photo of {} that"
 
@@ -85,13 +86,10 @@ OFFLINE_CONTINUATIONS: tuple[str, ...] = (
 )
 
 
-def offline_generator(source: str = "generic", samples: int = 16, seed: int = 0) -> Callable[[str], list[str]]:
-    """Concept -> phrases without any download: the shapes grammar, or templated continuations."""
+def offline_generator(samples: int = 16, seed: int = 0) -> Callable[[str], list[str]]:
+    """Concept -> phrases without any download: templated continuations (the shapes world has its own,
+    `isearle.shapes.captions.phrase_generator`)."""
     rng = random.Random(seed)
-    if source == "shapes":
-        from isearle.shapes.world import phrases_for
-
-        return lambda concept: phrases_for(concept, rng, samples)
     return lambda concept: [f"{PROMPT.format(concept)} {c}" for c in rng.sample(OFFLINE_CONTINUATIONS, samples)]
 
 

@@ -122,19 +122,18 @@ def open_inspector(model: str, pretrained: str | None, phi: str | None = None, d
     (both offline); `trained_only` limits a small model's nearest tokens to those it was trained on.
     """
     from isearle.backbone import load_backbone
-    from isearle.concepts import ConceptBank, concept_bank, load_vocabulary
-    from isearle.demo import SHAPES_MODELS, TokenTable, trained_token_ids
+    from isearle.concepts import concept_bank
+    from isearle.phi import resolve_phi
     from isearle.retrieval import Retriever
-    from isearle.service import Service, resolve_phi
+    from isearle.service import Service
+    from isearle.vocabulary import SHAPES_MODELS, TokenTable, trained_token_ids
 
     backbone = load_backbone(model, pretrained, device)
     phi_net, phi_name = resolve_phi(backbone, phi)
     source = vocabulary or ("shapes" if backbone.name in SHAPES_MODELS else "imagenet")
-    if pretrained is None:  # random weights: a bank cached under their name would be wrong next time
-        bank = ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
-    else:
-        bank = concept_bank(backbone, source, progress=progress)
-    service = Service(backbone, None, Retriever(backbone, None, phi_net), phi_net, phi_name)
+    # random weights: a bank cached under their name would be wrong next time
+    bank = concept_bank(backbone, source, progress=progress, cache=pretrained is not None)
+    service = Service(Retriever(backbone, None, phi_net), phi_name)
     return Inspector(service, TokenTable(backbone), bank, trained_token_ids(backbone) if trained_only else None)
 
 

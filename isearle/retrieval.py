@@ -63,6 +63,12 @@ def compose_queries(
     return F.normalize(encode_with_pseudo_tokens(backbone, prompts, pseudo_tokens.to(backbone.device)), dim=-1)
 
 
+def rank(index: Any, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
+    """The top-k gallery hits of a normalised query feature [D], best first (ids in `exclude` left out)."""
+    rows = index.search(query.float().cpu().numpy()[None], k, exclude_ids=list(exclude) or None)[0]
+    return [Hit(r + 1, i, float(s), index.metadata.get(i, {})) for r, (i, s) in enumerate(rows)]
+
+
 class LRUCache:
     """A bounded, thread-safe least-recently-used map (a cache, so module state it may hold)."""
 
@@ -115,6 +121,7 @@ class Retriever:
         self.features = LRUCache(cache_size)  # image key -> un-normalised image feature [D]
         self.tokens = LRUCache(cache_size)  # (image key, method, steps) -> pseudo-token [W]
         self.texts = LRUCache(4 * cache_size)  # caption -> normalised text feature [D]
+        self.queries = LRUCache(4 * cache_size)  # (image key, method, steps, caption) -> query feature [D]
 
     def image_features(self, image: Image.Image) -> tuple[str, torch.Tensor]:
         key = image_key(image)
@@ -147,8 +154,19 @@ class Retriever:
         return token
 
     @staticmethod
-    def _token_key(key: str, method: str, oti: OTIConfig) -> tuple:
-        return key, method, oti.steps if method == "oti" else 0
+    def _token_key(key: str, method: str, oti: OTIConfig | None) -> tuple[str, str, int]:
+        """Cache key of a pseudo-token: one per image, method and (for OTI) step count."""
+        return key, method, ((oti or OTIConfig(batch_size=1)).steps if method == "oti" else 0)
+
+    def cached(self, image: Image.Image | None, caption: str, method: str = "phi",
+               oti: OTIConfig | None = None) -> str:
+        """What a query would reuse: "query" (its feature), "reference" (the image's S*) or ""."""
+        key = image_key(image) if image is not None else ""
+        if self.queries.get(self._token_key(key, method, oti) + (caption,)) is not None:
+            return "query"
+        if image is not None and self.tokens.get(self._token_key(key, method, oti)) is not None:
+            return "reference"
+        return ""
 
     @torch.inference_mode()
     def phi_token(self, image: Image.Image) -> torch.Tensor | None:
@@ -187,11 +205,20 @@ class Retriever:
     @torch.inference_mode()
     def query_feature(self, image: Image.Image | None, caption: str, method: str = "phi",
                       oti: OTIConfig | None = None, progress: bool = False) -> torch.Tensor:
-        """The normalised query feature [D] of one (reference, caption) pair."""
+        """The normalised query feature [D] of one (reference, caption) pair (cached: a repeat skips the encoders)."""
         if method == "text":
             return self.text_feature(caption)
         if image is None:
             raise ValueError("this method needs a reference image")
+        qkey = self._token_key(image_key(image), method, oti) + (caption,)
+        feature = self.queries.get(qkey)
+        if feature is None:
+            feature = self._compose(image, caption, method, oti, progress)
+            self.queries.put(qkey, feature)
+        return feature
+
+    def _compose(self, image: Image.Image, caption: str, method: str, oti: OTIConfig | None,
+                 progress: bool) -> torch.Tensor:
         _, feats = self.image_features(image)
         if method == "image":
             return F.normalize(feats, dim=-1)
@@ -202,8 +229,7 @@ class Retriever:
         return F.normalize(encode_with_pseudo_tokens(self.backbone, [prompt], token), dim=-1)[0]
 
     def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
-        rows = self.index.search(query.float().cpu().numpy()[None], k, exclude_ids=list(exclude) or None)[0]
-        return [Hit(r + 1, i, float(s), self.index.metadata.get(i, {})) for r, (i, s) in enumerate(rows)]
+        return rank(self.index, query, k, exclude)
 
     def query(self, image: Image.Image | None, caption: str, k: int = 10, method: str = "phi",
               oti: OTIConfig | None = None, exclude: Sequence[str] = (), progress: bool = False) -> list[Hit]:

@@ -16,8 +16,8 @@ store. OTI shards are written by the driver as batches finish, so an interrupted
 
 from __future__ import annotations
 
-import io
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -29,11 +29,14 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from isearle.backbone import BUNDLED_WEIGHTS, Backbone, cpu_quota, load_backbone
+from isearle import paths
+from isearle.backbone import BUNDLED_WEIGHTS, Backbone, load_backbone
+from isearle.images import embed_images, thumbnail_jpeg
 from isearle.index import GalleryIndex, IndexConfig
 from isearle.oti import OTIConfig, invert, load_tokens, prepare_run
+from isearle.runtime import cpu_quota, set_threads
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+log = logging.getLogger(__name__)
 
 
 def _ray():
@@ -56,9 +59,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if ray.is_initialized():
         return False
     if address:
-        ray.init(address=address, runtime_env={"py_modules": [str(PACKAGE_DIR)]}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"py_modules": [str(paths.PACKAGE_DIR)]}, log_to_driver=True)
     else:
-        path = os.pathsep.join(p for p in (str(PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")) if p)
+        path = os.pathsep.join(p for p in (str(paths.PACKAGE_DIR.parent), os.environ.get("PYTHONPATH", "")) if p)
         ray.init(num_cpus=num_cpus or cpu_quota(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": path}})
     return True
@@ -138,58 +141,38 @@ class _EncodeWorker:
 
     def __init__(self, spec: BackboneSpec, items: list, batch_size: int, gallery: bool, thumbnails: bool,
                  device: str, threads: int) -> None:
-        torch.set_num_threads(threads)
+        set_threads(threads, faiss_threads=None)
         self.backbone = spec.load(device)
         self.items = _ray().get(items[0])
         self.batch_size, self.gallery, self.thumbnails = batch_size, gallery, thumbnails
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from isearle.images import ImageList
-        from isearle.index import GalleryImages, load_item
-
         out: dict[str, list] = {"row": [], "ok": [], "features": [], "thumb": [], "error": []}
+        dim = self.backbone.embed_dim
         for b in batch["batch"].tolist():
             start = b * self.batch_size
             chunk = self.items[start : start + self.batch_size]
-            rows, pixels, errors = [], [], {}
-            if self.gallery:
-                data = GalleryImages(chunk, self.backbone.preprocess)
-                for r in range(len(chunk)):
-                    _, px, err = data[r]
-                    if px is None:
-                        errors[r] = err
-                    else:
-                        rows.append(r)
-                        pixels.append(px)
-            else:
-                data = ImageList(chunk, self.backbone.preprocess)
-                for r in range(len(chunk)):
-                    rows.append(r)
-                    pixels.append(data[r][1])
-            feats = self.backbone.encode_images(torch.stack(pixels)).cpu().numpy() if pixels else None
-            by_row = dict(zip(rows, range(len(rows)), strict=True))
-            dim = self.backbone.embed_dim
+            sources = [item[1] for item in chunk] if self.gallery else chunk
+            thumbs: dict[int, bytes] = {}
+
+            def keep_thumbnail(row: int, source: Any, image: Any, thumbs: dict[int, bytes] = thumbs) -> None:
+                if self.thumbnails and not isinstance(source, (str, Path)):
+                    thumbs[row] = thumbnail_jpeg(image)
+
+            rows, feats, bad = next(embed_images(self.backbone, sources, len(sources), 0, False,
+                                                 skip_unreadable=self.gallery, on_image=keep_thumbnail))
+            by_row = {r: j for j, r in enumerate(rows)}
+            errors = dict(bad)
             for r in range(len(chunk)):
                 ok = r in by_row
                 out["row"].append(start + r)
                 out["ok"].append(ok)
-                out["features"].append(feats[by_row[r]] if ok else np.zeros(dim, np.float32))
+                out["features"].append(feats[by_row[r]].numpy() if ok else np.zeros(dim, np.float32))
                 out["error"].append(errors.get(r, ""))
-                thumb = b""
-                if ok and self.thumbnails and self.gallery and not isinstance(chunk[r][1], (str, Path)):
-                    thumb = _thumbnail_bytes(load_item(chunk[r][1]))
-                out["thumb"].append(thumb)
+                out["thumb"].append(thumbs.get(r, b"") if ok else b"")
         return {"row": np.asarray(out["row"], np.int64), "ok": np.asarray(out["ok"], bool),
                 "features": np.stack(out["features"]).astype(np.float32),
                 "thumb": np.asarray(out["thumb"], dtype=object), "error": np.asarray(out["error"], dtype=object)}
-
-
-def _thumbnail_bytes(image: Any, size: int = 256) -> bytes:
-    thumb = image.copy()
-    thumb.thumbnail((size, size))
-    buf = io.BytesIO()
-    thumb.save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
 
 
 def _encode(backbone: Backbone, items: Sequence, batch_size: int, gallery: bool, thumbnails: bool,
@@ -231,9 +214,9 @@ def ray_build_gallery_index(
     Thumbnails (for items without a file) are encoded on the workers and written by the driver, so
     a cluster needs no shared filesystem.
     """
-    from isearle.index import _items_and_index
+    from isearle.indexing import items_and_index
 
-    items, index = _items_and_index(backbone, images, index, config)
+    items, index = items_and_index(backbone, images, index, config)
     with ray_session(address, num_workers, threads):
         out = _encode(backbone, items, batch_size, True, thumbnails is not None, num_workers, threads, progress)
     thumb_dir = Path(thumbnails) / "thumbs" if thumbnails is not None else None
@@ -246,7 +229,7 @@ def ray_build_gallery_index(
         rows = [r for r in range(start, min(start + batch_size, len(items))) if out["ok"][r]]
         for r in range(start, min(start + batch_size, len(items))):
             if not out["ok"][r]:
-                print(f"warning: skipped {items[r][0]}: {out['error'][r]}")
+                log.warning("skipped %s: %s", items[r][0], out["error"][r])
                 skipped.append(items[r][0])
         if not rows:
             continue
@@ -270,7 +253,7 @@ class _OTIWorker:
     """Actor: OTI of global batches, batch b seeded with config.seed + b (as `invert_dataset`)."""
 
     def __init__(self, spec: BackboneSpec, payload: list, device: str, threads: int) -> None:
-        torch.set_num_threads(threads)
+        set_threads(threads, faiss_threads=None)
         self.backbone = spec.load(device)
         p = _ray().get(payload[0])
         self.features, self.tasks, self.init = p["features"], p["tasks"], p["init"]

@@ -21,7 +21,7 @@ from isearle.clip_training import composite_words
 from isearle.oti import OTIConfig, invert
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 from isearle.shapes.benchmark import load_benchmark, render_image
-from isearle.shapes.world import describe
+from isearle.shapes.captions import describe
 
 
 def score(queries: torch.Tensor, gallery: torch.Tensor, rows: list[dict], row: dict[str, int]) -> tuple[float, float]:

@@ -30,9 +30,6 @@ def vitb32() -> Backbone:
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path, monkeypatch):
     """No test reads or writes the user's ~/.cache/isearle (concept banks, official weights)."""
-    import isearle.concepts
-    import isearle.phi
+    import isearle.paths
 
-    cache = tmp_path / "isearle-cache"
-    monkeypatch.setattr(isearle.concepts, "CACHE_DIR", cache)
-    monkeypatch.setattr(isearle.phi, "CACHE_DIR", cache)
+    monkeypatch.setattr(isearle.paths, "CACHE_DIR", tmp_path / "isearle-cache")

@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from isearle import demo as D
-from isearle.backbone import REPO_DIR
+from isearle.paths import REPO_DIR
+from isearle.testing import AppProcess
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
@@ -45,7 +46,7 @@ def app_environment(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    with D.AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
+    with AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
         yield proc
 
 

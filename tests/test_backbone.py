@@ -8,10 +8,12 @@ import torch
 from PIL import Image
 
 import isearle.backbone
+import isearle.paths
 from isearle.backbone import (
     QUICKGELU_ALIASES,
     WeightsUnavailable,
     build_preprocess,
+    canonical_name,
     load_backbone,
     targetpad_transform,
 )
@@ -54,6 +56,9 @@ def test_openai_weights_offline_fail_fast_and_map_to_quickgelu(empty_hub_cache):
 
 
 def test_quickgelu_aliases():
+    assert canonical_name("ViT-B-32", "openai") == "ViT-B-32-quickgelu"  # the one mapping (load, index, service)
+    assert canonical_name("ViT-B-32", None) == canonical_name("ViT-B-32", "laion2b_s34b_b79k") == "ViT-B-32"
+    assert canonical_name("isearle-shapes", "openai") == "isearle-shapes"
     assert QUICKGELU_ALIASES["ViT-B-32"] == "ViT-B-32-quickgelu"
     assert QUICKGELU_ALIASES["ViT-L-14"] == "ViT-L-14-quickgelu"
     import open_clip
@@ -71,7 +76,7 @@ def test_unknown_model_and_tag_raise_weights_unavailable():
 
 
 def test_missing_bundled_weights_say_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr(isearle.backbone, "ASSETS_DIR", tmp_path)
+    monkeypatch.setattr(isearle.paths, "ASSETS_DIR", tmp_path)
     with pytest.raises(WeightsUnavailable, match="bundled weights"):
         isearle.backbone._resolve_pretrained("isearle-shapes", "isearle-shapes")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from isearle import demo as D
+from isearle.testing import AppProcess
 
 CHROMIUM = os.environ.get("ISEARLE_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
@@ -34,7 +35,7 @@ def app(tmp_path_factory):
     from test_app import app_arguments, app_environment
 
     tmp = tmp_path_factory.mktemp("browser-app")
-    with D.AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
+    with AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
         yield proc
 
 

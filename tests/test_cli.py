@@ -16,7 +16,6 @@ from isearle.oti import load_run
 from isearle.phi import load_phi
 
 REPO = Path(__file__).resolve().parents[1]
-CORE = ("concepts", "phrases", "oti", "train-phi", "query")
 TINY = ["--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu"]
 
 
@@ -43,12 +42,11 @@ def test_main_help_exits_0(capsys):
     assert "COMMAND" in capsys.readouterr().out
 
 
-def test_every_command_is_listed_and_core_commands_load():
+def test_every_command_is_listed_and_runs_its_function():
     subs = _subparsers(build_parser())
     assert list(subs) == [name for name, *_ in COMMANDS]
-    for name in CORE:
-        assert subs[name].get_default("_unavailable") is None, subs[name].get_default("_unavailable")
-        assert subs[name].get_default("_run") is not None
+    for name, _, _, run in COMMANDS:
+        assert callable(run) and subs[name].get_default("run") is run
 
 
 @pytest.mark.parametrize("name", [name for name, *_ in COMMANDS])
@@ -72,14 +70,37 @@ def test_every_option_has_a_help_string():
     assert not missing, f"options without help: {missing}"
 
 
-def test_unavailable_command_reports_instead_of_crashing(monkeypatch, capsys):
+def test_oti_flags_are_declared_once():
+    """`isearle oti --steps ...` and `isearle eval --oti-steps ...` are one declaration and one OTIConfig."""
+    from isearle.cli.common import oti_config_from
+    from isearle.oti import OTIConfig
+
+    subs = _subparsers(build_parser())
+    values = ["steps", "7", "batch-size", "5", "lr", "0.1", "gamma", "0.3", "max-norm", "2", "seed", "3"]
+    flags = [f"--{v}" if i % 2 == 0 else v for i, v in enumerate(values)]
+    oti = subs["oti"].parse_args(["--images", "x", "--out", "y", *flags])
+    ev = subs["eval"].parse_args(["--benchmark", "shapes", *[f.replace("--", "--oti-") for f in flags]])
+    expected = OTIConfig(steps=7, batch_size=5, lr=0.1, gamma=0.3, max_norm=2.0, seed=3, lambda_gpt=0.0)
+    assert oti_config_from(oti) == oti_config_from(ev, "oti_") == expected
+    own = {o[2:] for a in subs["oti"]._actions for o in a.option_strings}
+    prefixed = {o[6:] for a in subs["eval"]._actions for o in a.option_strings if o.startswith("--oti-")}
+    assert prefixed <= own and {"steps", "gamma", "max-norm", "lambda-gpt", "phrases", "vocabulary"} <= prefixed
+
+
+def test_a_bug_in_a_command_is_named_not_hidden(monkeypatch, capsys):
+    """A bug in a command says "internal error" with its type (never "unavailable"); ISEARLE_DEBUG raises it."""
     import isearle.cli
 
-    ghost = ("ghost", "a command whose module is not installed", "isearle.no_such_module", "add", "run")
+    def broken(args):
+        raise AttributeError("'NoneType' object has no attribute 'encode'")
+
+    ghost = ("ghost", "a command with a bug", lambda p: None, broken)
     monkeypatch.setattr(isearle.cli, "COMMANDS", [*COMMANDS, ghost])
-    assert main(["ghost"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("error: ghost is unavailable") and "no_such_module" in err
+    assert main(["ghost"]) == 1
+    assert "internal error (AttributeError" in capsys.readouterr().err
+    monkeypatch.setenv("ISEARLE_DEBUG", "1")
+    with pytest.raises(AttributeError, match="encode"):
+        main(["ghost"])
 
 
 def test_errors_are_one_line_and_exit_1(tmp_path, capsys):

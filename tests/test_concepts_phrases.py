@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import isearle.concepts
+import isearle.paths
 from isearle.backbone import WeightsUnavailable
 from isearle.concepts import TEMPLATES, ConceptBank, concept_bank, load_vocabulary
 from isearle.oti import replace_concept
@@ -33,13 +34,13 @@ def test_text_file_vocabulary(tmp_path):
 
 
 def test_openimages_offline_without_cache_raises():
-    assert not isearle.concepts.CACHE_DIR.exists()  # the autouse fixture's empty cache
+    assert not isearle.paths.CACHE_DIR.exists()  # the autouse fixture's empty cache
     with pytest.raises(WeightsUnavailable, match="imagenet"):
         load_vocabulary("openimages")
 
 
 def test_openimages_from_cache():
-    cache = isearle.concepts.CACHE_DIR
+    cache = isearle.paths.CACHE_DIR
     cache.mkdir(parents=True)
     (cache / "oidv7-class-descriptions.csv").write_text(
         "LabelName,DisplayName\n/m/011k07,Tortoise\n/m/0120dh,Sea turtle\n/m/01226z,Football\n/m/x,Tortoise\n",
@@ -133,13 +134,13 @@ def test_generate_phrases_drops_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("concept", NAMES)
 def test_offline_generic_phrases_contain_the_concept(concept):
-    phrases = offline_generator("generic", samples=16, seed=0)(concept)
+    phrases = offline_generator(samples=16, seed=0)(concept)
     assert len(phrases) == 16 and len(set(phrases)) == 16
     for phrase in phrases:
         assert phrase.startswith(f"a photo of {concept} that ")
         assert replace_concept(phrase, concept) is not None
     assert keep_valid(concept, phrases) == phrases
-    assert offline_generator("generic", samples=16, seed=0)(concept) == phrases  # seeded
+    assert offline_generator(samples=16, seed=0)(concept) == phrases  # seeded
 
 
 def test_lm_generator_without_transformers_says_how_to_install(monkeypatch):

@@ -13,6 +13,8 @@ from PIL import Image
 
 from isearle import demo as D
 from isearle.images import BadImage
+from isearle.testing import latency_stats
+from isearle.weights import file_digest, weights_file, weights_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,8 @@ def test_readable_token(tiny):
 def test_world_token_ids_cover_the_grammar(tiny):
     import random
 
-    from isearle.shapes.world import EDIT_TYPES, edit_scene, random_scene, relative_caption
+    from isearle.shapes.captions import edit_scene, relative_caption
+    from isearle.shapes.world import EDIT_TYPES, random_scene
 
     ids = D.world_token_ids(tiny.tokenizer)
     tok = tiny.tokenizer
@@ -229,7 +232,7 @@ def test_gallery_item_as_reference_is_left_out_and_ground_truth_marked(engine):
     assert all(it.ground_truth == (it.id in gt) for it in result.items)
     assert next(it.caption for it in result.items if it.ground_truth).endswith(" ✓")
     # the canonical image (what the gallery was embedded from) is queried: image-only finds its twin
-    _, feats = loaded.service.retriever.image_features(engine._resolve(loaded, engine.default_key, image)[0])
+    _, feats = loaded.service.retriever.image_features(engine.resolve_reference(loaded, engine.default_key, image)[0])
     vec = torch.nn.functional.normalize(feats, dim=-1).numpy()
     assert loaded.service.index.search(vec[None], 1)[0][0][0] == ref_id
 
@@ -240,7 +243,7 @@ def test_examples_are_registered(engine):
     assert paths[0][1] == engine.examples.references[0].caption and paths[0][2] == "colour"
     loaded = engine.load()
     image = Image.open(paths[0][0]).convert("RGB")
-    _, ref_id = engine._resolve(loaded, engine.default_key, image)
+    _, ref_id = engine.resolve_reference(loaded, engine.default_key, image)
     assert ref_id == engine.examples.references[0].reference_id
 
 
@@ -263,21 +266,21 @@ def test_weights_fingerprint_follows_the_file(tiny, world, tmp_path):
     import dataclasses
     import os
 
-    assert D.weights_fingerprint(tiny) is None  # random init: never cached
+    assert weights_fingerprint(tiny.pretrained) is None  # random init: never cached
     ck = tmp_path / "w.pt"
     ck.write_bytes(world["checkpoint"].read_bytes())
     b = dataclasses.replace(tiny, pretrained=str(ck))
-    first = D.weights_fingerprint(b)
-    assert first == D.weights_fingerprint(b)
+    first = weights_fingerprint(b.pretrained)
+    assert first == weights_fingerprint(b.pretrained)
     os.utime(ck, ns=(1, 1))  # a checkout: same content, same id
-    assert D.weights_fingerprint(b) == first
+    assert weights_fingerprint(b.pretrained) == first
     ck.write_bytes(ck.read_bytes()[:-1] + b"x")  # a retrained model
-    assert D.weights_fingerprint(b) != first
-    assert D.weights_fingerprint(dataclasses.replace(tiny, pretrained="openai")) == "openai"
+    assert weights_fingerprint(b.pretrained) != first
+    assert weights_fingerprint("openai") == "openai"
 
 
 def test_offline_gallery_staleness(tmp_path):
-    bundled = D.weights_file("isearle-shapes")
+    bundled = weights_file("isearle-shapes")
     if bundled is None:
         pytest.skip("no bundled shapes weights in this checkout")
 
@@ -285,8 +288,7 @@ def test_offline_gallery_staleness(tmp_path):
         (tmp_path / "index.json").write_text(json.dumps({"info": info}))
         return tmp_path
 
-    st = bundled.stat()
-    current = D._file_digest(str(bundled.resolve()), st.st_size, st.st_mtime_ns)
+    current = file_digest(bundled)
     assert not D.offline_gallery_stale(gallery(pretrained="isearle-shapes", weights=current))
     assert D.offline_gallery_stale(gallery(pretrained="isearle-shapes", weights="0" * 12))
     assert not D.offline_gallery_stale(gallery(pretrained="isearle-shapes"))  # unknown: left alone
@@ -357,14 +359,14 @@ def test_gallery_built_from_an_image_folder_once(world, tmp_path):
     assert (Path(key) / "index.json").stat().st_mtime == (Path(again.default_key) / "index.json").stat().st_mtime
 
 
-def test_unavailable_hub_backbone_falls_back_to_the_offline_world(world, tmp_path, capsys):
+def test_unavailable_hub_backbone_falls_back_to_the_offline_world(world, tmp_path, caplog):
     p = argparse.ArgumentParser()
     D.add_arguments(p, {})
     args = p.parse_args(["--images", str(tmp_path), "--model", "ViT-B-32", "--pretrained", str(tmp_path / "no.pt"),
                          "--hub-cache", str(tmp_path / "cache"), "--gallery", str(world["gallery"])])
     engine = D.DemoEngine.start(args, warm=False)
     assert list(engine.entries) == [str(world["gallery"])]
-    assert "skipping" in capsys.readouterr().err
+    assert "skipping" in caplog.text
 
 
 # -------------------------------------------------------------------------- benchmark files
@@ -386,6 +388,6 @@ def test_make_examples_and_ground_truth(tmp_path):
 
 
 def test_latency_stats():
-    s = D.latency_stats([10, 20, 30, 40, 100])
+    s = latency_stats([10, 20, 30, 40, 100])
     assert s["n"] == 5 and s["p50"] == 30 and 40 < s["p95"] <= 100 and s["max"] == 100
-    assert D.latency_stats([])["n"] == 0
+    assert latency_stats([])["n"] == 0

@@ -9,7 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from isearle.index import BackboneMismatch, GalleryIndex, IndexConfig, build_gallery_index
+from isearle.index import BackboneMismatch, GalleryIndex, IndexConfig
+from isearle.indexing import build_gallery_index
 
 
 def unit(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -188,4 +189,4 @@ def test_cli_index_shapes_keeps_scene_specs(tmp_path):
                  "--out", str(out), "--num-workers", "0"]) == 0
     index = GalleryIndex.load(out, expect_backbone=("isearle-tiny-test", None))
     assert len(index) == 5
-    assert all("objects" in index.metadata[i]["scene"] for i in index.ids)
+    assert all("objects" in index.metadata[i]["spec"] for i in index.ids)

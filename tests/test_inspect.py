@@ -14,10 +14,11 @@ import torch.nn.functional as F
 
 from isearle import demo as D
 from isearle import inspect as I
-from isearle.backbone import REPO_DIR
 from isearle.concepts import ConceptBank, load_vocabulary
+from isearle.images import open_image
 from isearle.oti import OTIConfig, invert, invert_steps, token_norm
-from isearle.retrieval import Retriever
+from isearle.paths import REPO_DIR
+from isearle.retrieval import Hit, Retriever, image_key
 from isearle.service import Service, load_service
 
 REAL_WORLD = (REPO_DIR / "gallery_index" / "index.json").is_file() and (
@@ -42,8 +43,7 @@ def bank(service):
 @pytest.fixture
 def insp(service, bank):
     """A fresh retriever (empty caches) over the module's backbone, gallery and phi."""
-    fresh = Service(service.backbone, service.index, Retriever(service.backbone, service.index, service.phi),
-                    service.phi, service.phi_name)
+    fresh = Service(Retriever(service.backbone, service.index, service.phi), service.phi_name)
     return I.Inspector(fresh, D.TokenTable(service.backbone), bank, D.trained_token_ids(service.backbone))
 
 
@@ -88,7 +88,7 @@ def test_streamed_warm_run_fills_the_cache_with_the_plain_runs_token(insp, servi
     plain = Retriever(service.backbone, service.index, service.phi).pseudo_token(image, "oti", cfg)
     last = deque(insp.retriever.oti_steps(image, cfg), maxlen=1)[0]
     assert last.step == STEPS and torch.equal(last.token[0], plain)
-    assert torch.equal(insp.retriever.tokens.get((D.image_key(image), "oti", STEPS)), plain)  # cached
+    assert torch.equal(insp.retriever.tokens.get((image_key(image), "oti", STEPS)), plain)  # cached
     cold = deque(insp.retriever.oti_steps(image, cfg, warm=False), maxlen=1)[0].token[0]
     assert not torch.allclose(cold, plain)
 
@@ -163,15 +163,14 @@ def test_compare_phi_and_oti(insp, service, examples):
         image, ex.caption, 10, "oti", cfg, exclude=[ex.reference_id])]
     shared = len({h.id for h in c.phi_hits} & {h.id for h in c.oti_hits})
     assert c.overlap == pytest.approx(shared / 10)
-    no_phi = I.Inspector(Service(service.backbone, service.index, Retriever(service.backbone, service.index), None,
-                                 None), insp.table, insp.bank)
+    no_phi = I.Inspector(Service(Retriever(service.backbone, service.index), None), insp.table, insp.bank)
     with pytest.raises(ValueError, match="no phi"):
         I.compare(no_phi, image, ex.caption, cfg)
 
 
 def test_overlap():
-    hits = [D.Hit(r + 1, i, 0.0, {}) for r, i in enumerate("abcd")]
-    other = [D.Hit(r + 1, i, 0.0, {}) for r, i in enumerate("dxay")]
+    hits = [Hit(r + 1, i, 0.0, {}) for r, i in enumerate("abcd")]
+    other = [Hit(r + 1, i, 0.0, {}) for r, i in enumerate("dxay")]
     assert I.overlap(hits, other, 4) == 0.5
     assert I.overlap(hits, other, 2) == 0.0
     assert I.overlap(hits, other, 3) == pytest.approx(1 / 3)  # "a" is in both top-3s
@@ -252,7 +251,7 @@ def test_saved_pseudo_word_loads_back_to_the_same_results(insp, service, example
     loaded = I.load_token(path, insp.backbone)
     assert torch.equal(loaded.token, token.float())
     assert loaded.metadata["model"] == insp.backbone.name and loaded.metadata["method"] == "oti"
-    assert loaded.metadata["image_hash"] == D.image_key(image)
+    assert loaded.metadata["image_hash"] == image_key(image)
     assert loaded.metadata["settings"]["steps"] == STEPS and loaded.metadata["format"] == I.TOKEN_FORMAT
     assert [h.id for h in I.rank(insp, loaded.token, ex.caption, 10)] == [
         h.id for h in insp.retriever.query(image, ex.caption, 10, "oti", cfg)]
@@ -280,7 +279,7 @@ def test_inspect_images_and_summary(insp, folder):
     records = I.inspect_images(insp, paths, ["phi", "oti"], cfg, k=5, progress=False)
     assert len(records) == 4
     for r, p in zip(records, paths, strict=True):
-        image = D.open_image(p)
+        image = open_image(p)
         phi, oti = insp.retriever.pseudo_token(image, "phi"), insp.retriever.pseudo_token(image, "oti", cfg)
         assert r.views["phi"].norm == pytest.approx(float(phi.norm()), rel=1e-6)
         assert r.cosine == pytest.approx(float(F.cosine_similarity(phi, oti, dim=0)), abs=1e-6)

@@ -9,9 +9,18 @@ import numpy as np
 import pytest
 import torch
 
+import isearle.paths
 import isearle.phi
 from isearle.backbone import WeightsUnavailable
-from isearle.phi import Phi, PhiConfig, load_official_searle, load_phi, official_checkpoint, save_phi
+from isearle.phi import (
+    Phi,
+    PhiConfig,
+    load_official_searle,
+    load_phi,
+    official_checkpoint,
+    resolve_phi,
+    save_phi,
+)
 from isearle.phi_training import PhiTrainConfig, nt_xent, similar_batches, token_penalty, train_phi
 
 B32_SHAPES = {"layers.0.weight": (2048, 512), "layers.0.bias": (2048,), "layers.3.weight": (2048, 2048),
@@ -203,7 +212,7 @@ def test_official_checkpoint_layout_round_trips(tmp_path, monkeypatch):
     assert torch.equal(loaded(x), phi(x))
     assert torch.equal(load_phi(path)(x), phi(x))  # an official .pt by path
     # by name, from the cache, with no network
-    monkeypatch.setattr(isearle.phi, "CACHE_DIR", tmp_path)
+    monkeypatch.setattr(isearle.paths, "CACHE_DIR", tmp_path)
     assert official_checkpoint("searle") == path
     assert torch.equal(load_phi("searle")(x), phi(x))
 
@@ -231,7 +240,7 @@ def test_official_loader_refuses_pickled_objects(tmp_path):
 
 
 def test_official_checkpoint_offline_without_cache_fails_fast(tmp_path, monkeypatch):
-    monkeypatch.setattr(isearle.phi, "CACHE_DIR", tmp_path / "empty")
+    monkeypatch.setattr(isearle.paths, "CACHE_DIR", tmp_path / "empty")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     start = time.perf_counter()
     with pytest.raises(WeightsUnavailable, match="SEARLE_ViT-B32.pt"):
@@ -245,3 +254,23 @@ def test_official_checkpoint_offline_without_cache_fails_fast(tmp_path, monkeypa
 def test_load_phi_missing_file(tmp_path):
     with pytest.raises(WeightsUnavailable, match="train-phi"):
         load_phi(tmp_path / "nope.safetensors")
+
+
+def test_resolve_phi_named_default_and_missing(tiny, tmp_path, monkeypatch):
+    """One default-phi rule: a named phi must load; a missing default only disables phi unless required."""
+    import dataclasses
+
+    phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width)
+    path = save_phi(phi, tmp_path / "phi.safetensors")
+    got, name = resolve_phi(tiny, str(path))
+    assert name == str(path)
+    assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), phi.state_dict().values(), strict=True))
+    assert resolve_phi(tiny) == (None, None)  # random init: no default
+    assert resolve_phi(tiny, phi)[0] is phi
+    shapes = dataclasses.replace(tiny, name="isearle-shapes", pretrained="isearle-shapes")
+    monkeypatch.setitem(isearle.phi.DEFAULT_PHI, ("isearle-shapes", "isearle-shapes"), str(tmp_path / "gone.safetensors"))
+    assert resolve_phi(shapes) == (None, None)
+    with pytest.raises(WeightsUnavailable):
+        resolve_phi(shapes, required=True)
+    with pytest.raises(WeightsUnavailable):
+        resolve_phi(tiny, str(tmp_path / "gone.safetensors"))

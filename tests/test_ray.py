@@ -94,7 +94,8 @@ def test_ray_oti_equals_single_process(local_ray, one_thread, backbone, images, 
 
 
 def test_ray_index_equals_single_process(local_ray, one_thread, backbone, images, tmp_path):
-    from isearle.index import IndexConfig, build_gallery_index
+    from isearle.index import IndexConfig
+    from isearle.indexing import build_gallery_index
     from isearle.scale import ray_build_gallery_index
 
     broken = tmp_path / "broken.png"

@@ -25,7 +25,8 @@ from PIL import Image
 from isearle import artifacts
 from isearle.artifacts import ArtifactError
 from isearle.backbone import load_backbone
-from isearle.index import GalleryIndex, build_gallery_index, folder_items
+from isearle.index import GalleryIndex
+from isearle.indexing import build_gallery_index, folder_items
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from isearle.shapes import benchmark as bm
+from isearle.shapes.captions import caption, edit_scene, phrases_for, relative_caption, vocabulary
 from isearle.shapes.world import (
     BACKGROUNDS,
     COLOURS,
@@ -19,15 +20,10 @@ from isearle.shapes.world import (
     SIZES,
     ObjectSpec,
     SceneSpec,
-    caption,
-    edit_scene,
     jitter,
-    phrases_for,
     random_scene,
-    relative_caption,
     render,
     scene_source,
-    vocabulary,
 )
 
 

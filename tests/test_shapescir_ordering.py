@@ -10,9 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from isearle.backbone import ASSETS_DIR, load_backbone
+from isearle.backbone import load_backbone
 from isearle.evaluation import evaluate
 from isearle.oti import OTIConfig
+from isearle.paths import ASSETS_DIR
 
 N_QUERIES = 160
 PHI = ASSETS_DIR / "models" / "isearle-shapes-phi.safetensors"

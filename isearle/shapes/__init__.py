@@ -5,6 +5,7 @@ ships its own: `world` renders seeded scenes of coloured shapes and describes th
 grammar (the tiny CLIP is trained on it); `benchmark` builds CIRCO-like composed-retrieval queries.
 """
 
+from isearle.shapes.captions import caption, phrases_for, vocabulary
 from isearle.shapes.world import (
     BACKGROUNDS,
     COLOURS,
@@ -14,12 +15,9 @@ from isearle.shapes.world import (
     SIZES,
     ObjectSpec,
     SceneSpec,
-    caption,
     jitter,
-    phrases_for,
     random_scene,
     render,
-    vocabulary,
 )
 
 __all__ = [

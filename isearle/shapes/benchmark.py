@@ -15,7 +15,6 @@ gt_img_ids, edit_type, shared_concept, target_description}) and gallery.json ({i
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
@@ -26,6 +25,8 @@ from typing import Any
 
 from PIL import Image
 
+from isearle.paths import ASSETS_DIR
+from isearle.shapes.captions import _attribute_change, apply_changes, describe, edit_scene, relative_caption
 from isearle.shapes.world import (
     ATTRIBUTE_EDITS,
     DEFAULT_SIZE,
@@ -33,21 +34,11 @@ from isearle.shapes.world import (
     MAX_OBJECTS,
     ObjectSpec,
     SceneSpec,
-    _attribute_change,
-    apply_changes,
-    describe,
-    edit_scene,
     jitter,
     random_scene,
-    relative_caption,
     render,
     render_dict,
 )
-
-try:
-    from isearle.backbone import ASSETS_DIR
-except ImportError:  # pragma: no cover - backbone needs open_clip; the benchmark itself does not
-    ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
 
 BENCHMARK_DIR = ASSETS_DIR / "shapescir"
 SPLITS = ("val", "test")
@@ -212,20 +203,3 @@ def gallery_source(gallery: dict[str, SceneSpec], size: int = DEFAULT_SIZE) -> t
     """(ids, picklable image callables) of the gallery, for feature extraction."""
     ids = list(gallery)
     return ids, [functools.partial(render_dict, gallery[k].to_dict(), size) for k in ids]
-
-
-# ------------------------------------------------------------------------------------- CLI
-def add_build_arguments(p: argparse.ArgumentParser) -> None:
-    """Options of `isearle build-shapes`."""
-    p.add_argument("--out", type=Path, default=BENCHMARK_DIR, help="output folder (default: assets/shapescir)")
-    p.add_argument("--seed", type=int, default=0, help="seed of both splits and the gallery")
-    p.add_argument("--val", type=int, default=160, help="val queries (balanced over the 8 edit types)")
-    p.add_argument("--test", type=int, default=640, help="test queries (balanced over the 8 edit types)")
-    p.add_argument("--gallery", type=int, default=2000, help="random gallery scenes besides the queries' images (>= 2000)")
-
-
-def build_main(args: argparse.Namespace) -> int:
-    """`isearle build-shapes`."""
-    stats = build_benchmark(args.out, args.seed, args.val, args.test, args.gallery)
-    print(json.dumps(stats, indent=2))
-    return 0

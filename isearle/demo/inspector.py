@@ -17,17 +17,13 @@ from typing import Any
 from PIL import Image
 
 from isearle import inspect as I
-from isearle.demo import (
-    DemoEngine,
-    Loaded,
-    ResultItem,
-    load_reference,
-    prepare_caption,
-    restore_torch_threads,
-)
+from isearle.demo.engine import DemoEngine, Loaded
+from isearle.demo.inputs import load_reference, prepare_caption
+from isearle.demo.results import ResultItem
 from isearle.images import BadImage
 from isearle.oti import OTIConfig
 from isearle.retrieval import Hit
+from isearle.runtime import set_threads
 
 
 @dataclass
@@ -93,7 +89,7 @@ class InspectorViews:
         if reference is None:
             raise BadImage("no reference image: upload one, or pick an example or a result")
         image, notes = load_reference(reference)
-        query_image, ref_id = self.engine._resolve(loaded, key, image)
+        query_image, ref_id = self.engine.resolve_reference(loaded, key, image)
         text = None
         if caption_required or (caption and caption.strip()):
             cap = prepare_caption(loaded.backbone, caption, loaded.service.retriever.template, loaded.trained)
@@ -109,14 +105,14 @@ class InspectorViews:
         try:
             return ref.insp.retriever.pseudo_token(ref.image, method, self.oti(ref, steps), progress=True)
         finally:
-            restore_torch_threads(self.engine.threads)
+            set_threads(self.engine.threads, faiss_threads=None)
 
     @staticmethod
     def oti(ref: Reference, steps: int) -> OTIConfig:
         return ref.loaded.service.oti_config(int(steps))
 
     def items(self, ref: Reference, hits: Sequence[Hit], gts: set[str] | None = None) -> list[ResultItem]:
-        return self.engine._items(ref.key, ref.loaded, hits, ref.gts if gts is None else gts)
+        return self.engine.result_items(ref.key, ref.loaded, hits, ref.gts if gts is None else gts)
 
     @staticmethod
     def gt_line(ref: Reference, items: Sequence[ResultItem]) -> str:
@@ -134,7 +130,7 @@ class InspectorViews:
         start = time.perf_counter()
         try:
             for f in I.watch_oti(ref.insp, ref.image, ref.caption, oti, every, k, ref.exclude, warm):
-                restore_torch_threads(self.engine.threads)
+                set_threads(self.engine.threads, faiss_threads=None)
                 rows = [{"step": i + 1, "loss": round(v, 5), "run": run} for run, vals in f.losses.items()
                         for i, v in enumerate(vals)]
                 items = self.items(ref, f.hits)
@@ -146,7 +142,7 @@ class InspectorViews:
                 yield Frame(f.step, f.steps, rows, pairs(f.view.tokens), pairs(f.view.concepts), items,
                             f.view.norm, summary, f.done, 1000 * (time.perf_counter() - start), I.token_digest(f.token))
         finally:
-            restore_torch_threads(self.engine.threads)
+            set_threads(self.engine.threads, faiss_threads=None)
 
     # ------------------------------------------------------------------------ 2. S* alone
     def alone(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = 150,
@@ -170,7 +166,7 @@ class InspectorViews:
         try:
             c = I.compare(ref.insp, ref.image, ref.caption, self.oti(ref, steps), k, ref.exclude)
         finally:
-            restore_torch_threads(self.engine.threads)
+            set_threads(self.engine.threads, faiss_threads=None)
         phi_items, oti_items = self.items(ref, c.phi_hits), self.items(ref, c.oti_hits)
         table = [[i + 1, *_cell(c.phi.concepts, i), *_cell(c.oti.concepts, i), *_cell(c.phi.tokens, i),
                   *_cell(c.oti.tokens, i)] for i in range(10)]

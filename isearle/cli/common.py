@@ -1,0 +1,73 @@
+"""Argument groups shared by several commands, each declared once, and what they turn into."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+DEFAULT_MODEL = "ViT-B-32"
+DEFAULT_PRETRAINED = "openai"
+
+
+def add_backbone_arguments(p: argparse.ArgumentParser) -> None:
+    """--model / --pretrained / --device, shared by every command that loads CLIP."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="open_clip model name (e.g. ViT-B-32, ViT-L-14, isearle-shapes)")
+    p.add_argument("--pretrained", default=DEFAULT_PRETRAINED,
+                   help="pretrained tag (openai, isearle-shapes), a local checkpoint, or 'none' for random init")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def backbone_from(args: argparse.Namespace) -> Any:
+    """The backbone of --model / --pretrained / --device ('none': random init)."""
+    from isearle.backbone import load_backbone
+
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    return load_backbone(args.model, pretrained, args.device)
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    """Where images come from: a folder, or scenes rendered from the offline shapes world."""
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", type=Path, help="folder of images (searched recursively)")
+    g.add_argument("--shapes", type=int, metavar="N", help="render N unlabeled scenes of the offline shapes world")
+    p.add_argument("--shapes-seed", type=int, default=1000, help="seed of the rendered shapes scenes")
+
+
+def source_from(args: argparse.Namespace, size: int) -> tuple[list[str], list]:
+    """(ids, items) for `extract_features`: image paths, or callables rendering shapes scenes."""
+    if args.images is not None:
+        from isearle.images import list_images
+
+        paths = list_images(args.images)
+        return [str(p.relative_to(args.images)) for p in paths], paths
+    from isearle.shapes.world import scene_source
+
+    return scene_source(args.shapes, args.shapes_seed, size)
+
+
+def add_oti_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """OTI's settings as flags (`isearle oti`: --steps ...; `isearle eval`: --oti-steps ...), from `OTIConfig`."""
+    from isearle.oti import OTIConfig
+
+    d, f = OTIConfig(), f"--{prefix}"
+    p.add_argument(f"{f}vocabulary", default="openimages", help="concept vocabulary for the GPT loss")
+    p.add_argument(f"{f}phrases", type=Path, default=None,
+                   help="phrase JSON from `isearle phrases` for the GPT loss (none: content loss only)")
+    p.add_argument(f"{f}steps", type=int, default=d.steps, help=f"OTI steps per image (paper: {d.steps})")
+    p.add_argument(f"{f}batch-size", type=int, default=d.batch_size, help="images inverted together")
+    p.add_argument(f"{f}lr", type=float, default=d.lr, help="OTI AdamW learning rate")
+    p.add_argument(f"{f}gamma", type=float, default=d.gamma, help="iSEARLE noise std on text features (0: SEARLE)")
+    p.add_argument(f"{f}lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
+    p.add_argument(f"{f}max-norm", type=float, default=d.max_norm,
+                   help="cap on ||S*|| in units of the mean token-embedding norm (0: no cap, SEARLE)")
+    p.add_argument(f"{f}seed", type=int, default=d.seed, help="OTI seed (batch b uses seed + b)")
+
+
+def oti_config_from(args: argparse.Namespace, prefix: str = "") -> Any:
+    """The `OTIConfig` of `add_oti_arguments`' flags (no GPT loss without phrases)."""
+    from isearle.oti import OTIConfig
+
+    a = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
+    return OTIConfig(steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], gamma=a["gamma"],
+                     lambda_gpt=a["lambda_gpt"] if a["phrases"] else 0.0, max_norm=a["max_norm"], seed=a["seed"])

@@ -1,0 +1,142 @@
+"""Commands of the method's offline pipeline: concepts, phrases, OTI, phi training."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from isearle.cli.common import (
+    add_backbone_arguments,
+    add_oti_arguments,
+    add_source_arguments,
+    backbone_from,
+    oti_config_from,
+    source_from,
+)
+
+
+def add_concepts_arguments(p: argparse.ArgumentParser) -> None:
+    add_backbone_arguments(p)
+    add_source_arguments(p)
+    p.add_argument("--vocabulary", default="openimages", help="openimages, imagenet, shapes, or a text file (one concept a line)")
+    p.add_argument("--top-k", type=int, default=250, help="concepts kept per image (SEARLE stores 250)")
+    p.add_argument("--out", type=Path, required=True, help="JSON file: {image id: [concepts, best first]}")
+
+
+def concepts_main(args: argparse.Namespace) -> int:
+    from isearle.concepts import concept_bank
+    from isearle.images import extract_features
+
+    backbone = backbone_from(args)
+    bank = concept_bank(backbone, args.vocabulary)
+    ids, items = source_from(args, backbone.image_size)
+    names = bank.top_names(extract_features(backbone, items), args.top_k)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(zip(ids, names, strict=True))))
+    print(f"wrote the top {args.top_k} of {len(bank.names)} concepts for {len(ids)} images to {args.out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ phrases
+def add_phrases_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocabulary", default="openimages", help="openimages, imagenet, shapes, or a text file")
+    p.add_argument("--generator", choices=["lm", "offline"], default="lm",
+                   help="lm: a transformers causal LM (paper: GPT-Neo 2.7B); offline: no download")
+    p.add_argument("--lm-model", default="EleutherAI/gpt-neo-2.7B", help="causal LM for --generator lm")
+    p.add_argument("--samples", type=int, default=256, help="phrases sampled per concept (paper: 256)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N concepts (quick runs)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--out", type=Path, required=True, help="JSON cache {concept: [phrases]}; resumes if it exists")
+
+
+def phrases_main(args: argparse.Namespace) -> int:
+    from isearle.concepts import load_vocabulary
+    from isearle.phrases import LMConfig, generate_phrases, lm_generator, offline_generator
+    from isearle.shapes.captions import phrase_generator
+
+    concepts = load_vocabulary(args.vocabulary)[: args.limit]
+    if args.generator == "lm":
+        gen = lm_generator(LMConfig(model=args.lm_model, samples=args.samples, seed=args.seed))
+    else:
+        gen = (phrase_generator(args.samples, args.seed) if args.vocabulary == "shapes"
+               else offline_generator(min(args.samples, 16), args.seed))
+    bank = generate_phrases(concepts, gen, cache=args.out)
+    kept = sum(1 for v in bank.values() if v)
+    print(f"{kept} of {len(bank)} concepts kept, {sum(map(len, bank.values()))} phrases in {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- oti
+def add_oti_command_arguments(p: argparse.ArgumentParser) -> None:
+    add_backbone_arguments(p)
+    add_source_arguments(p)
+    add_oti_arguments(p)
+    p.add_argument("--phi", default=None, help="warm start from this phi (then fewer --steps suffice)")
+    p.add_argument("--ray", action="store_true", help="run on Ray Data (local Ray unless --ray-address)")
+    p.add_argument("--ray-address", default=None, help="Ray cluster address")
+    p.add_argument("--out", type=Path, required=True, help="output folder; an interrupted run resumes there")
+
+
+def oti_main(args: argparse.Namespace) -> int:
+    from isearle.concepts import concept_bank
+    from isearle.oti import invert_images
+    from isearle.phi import load_phi
+
+    backbone = backbone_from(args)
+    config = oti_config_from(args)
+    ids, items = source_from(args, backbone.image_size)
+    bank = json.loads(args.phrases.read_text()) if args.phrases else None
+    phi = load_phi(args.phi, backbone.device) if args.phi else None
+    concepts = concept_bank(backbone, args.vocabulary)
+    if args.ray:
+        from isearle.scale import ray_oti
+
+        ids, tokens = ray_oti(backbone, ids, items, args.out, config, concepts, bank, phi,
+                              address=args.ray_address)
+    else:
+        ids, tokens = invert_images(backbone, ids, items, args.out, config, concepts, bank, phi)
+    print(f"{len(ids)} pseudo-tokens of width {tokens.shape[1]} in {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- train-phi
+def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
+    from isearle.phi_training import PhiTrainConfig
+
+    d = PhiTrainConfig()
+    add_backbone_arguments(p)
+    p.add_argument("--oti", type=Path, nargs="+", required=True,
+                   help="folder(s) of `isearle oti` runs (features, concepts, tokens); several are concatenated")
+    p.add_argument("--phrases", type=Path, default=None, help="phrase JSON for the GPT loss (none: distillation only)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (paper: 100)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (paper: 256)")
+    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
+    p.add_argument("--lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
+    p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="weight of iSEARLE's token penalty")
+    p.add_argument("--reg-form", choices=["norm", "knn", "none"], default=d.reg_form, help="form of the token penalty")
+    p.add_argument("--reg-norm", type=float, default=d.reg_norm,
+                   help="'norm' penalty target in units of the mean token-embedding norm (match OTI's --max-norm)")
+    p.add_argument("--no-hard-negatives", action="store_true", help="random batches (SEARLE) instead of similar images")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed")
+    p.add_argument("--out", type=Path, required=True, help="phi checkpoint (.safetensors + .json)")
+
+
+def train_phi_main(args: argparse.Namespace) -> int:
+    from isearle.oti import load_runs
+    from isearle.phi import save_phi
+    from isearle.phi_training import PhiTrainConfig, train_phi
+
+    backbone = backbone_from(args)
+    ids, features, tokens, concepts, oti = load_runs(args.oti)
+    config = PhiTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                            temperature=args.temperature, lambda_gpt=args.lambda_gpt,
+                            lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
+                            hard_negatives=not args.no_hard_negatives, seed=args.seed)
+    bank = json.loads(args.phrases.read_text()) if args.phrases else None
+    phi, history = train_phi(backbone, features, tokens, config, concepts, bank)
+    path = save_phi(phi, args.out, {"backbone": backbone.name, "pretrained": backbone.pretrained, "oti": oti,
+                                    "train": vars(config), "final_losses": history[-1] if history else {}})
+    print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}; saved {path}")
+    return 0

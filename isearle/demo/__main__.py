@@ -1,0 +1,48 @@
+"""`python -m isearle.demo build-gallery | make-examples | settings`: helpers of the Gradio demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from isearle.backbone import load_backbone
+from isearle.demo.examples import EXAMPLES_PATH, make_examples
+from isearle.demo.galleries import build_shapes_gallery
+from isearle.demo.settings import settings_table
+from isearle.paths import REPO_DIR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m isearle.demo build-gallery | make-examples | settings`."""
+    p = argparse.ArgumentParser(prog="python -m isearle.demo", description="helpers of the Gradio demo")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-gallery", help="embed the ShapesCIR gallery into gallery_index/ (offline world)")
+    b.add_argument("--out", type=Path, default=REPO_DIR / "gallery_index")
+    b.add_argument("--model", default="isearle-shapes")
+    b.add_argument("--pretrained", default="isearle-shapes")
+    b.add_argument("--benchmark", type=Path, default=None, help="ShapesCIR folder (default assets/shapescir)")
+    e = sub.add_parser("make-examples", help="write assets/examples.json from the ShapesCIR val split")
+    e.add_argument("--benchmark", type=Path, default=None)
+    e.add_argument("--out", type=Path, default=EXAMPLES_PATH)
+    e.add_argument("--n", type=int, default=12)
+    sub.add_parser("settings", help="print the settings table (Markdown)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.cmd == "build-gallery":
+        from isearle.shapes.benchmark import BENCHMARK_DIR
+
+        backbone = load_backbone(args.model, None if args.pretrained == "none" else args.pretrained, "cpu")
+        out = build_shapes_gallery(args.out, backbone, benchmark_dir=args.benchmark or BENCHMARK_DIR)
+        print(f"offline gallery written to {out}")
+    elif args.cmd == "make-examples":
+        print(f"wrote {make_examples(args.benchmark, args.out, args.n)}")
+    else:
+        print(settings_table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
