@@ -34,19 +34,9 @@ SHARED: dict[str, Any] = {}
 
 def setup_threads() -> int:
     """torch threads = the CPU quota; FAISS single-threaded (single queries), as in the service."""
-    import torch
+    from isearle.runtime import set_threads
 
-    from isearle.runtime import cpu_quota
-
-    n = cpu_quota()
-    torch.set_num_threads(n)
-    try:
-        import faiss
-
-        faiss.omp_set_num_threads(1)
-    except ImportError:
-        pass
-    return n
+    return set_threads()
 
 
 def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
