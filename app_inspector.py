@@ -19,8 +19,9 @@ LOSS_COLORS = {"from phi (warm start)": "#4f46e5", "from noise N(0, 0.02)": "#f5
 
 
 def _losses(rows: Sequence[dict]) -> pd.DataFrame:
-    """Loss rows with a blank (NaN) row per run at step 0: a streamed native plot draws no lines unless
-    every colour it will show was in its data from the start (measured with Gradio 6.31)."""
+    """Loss rows with a blank (NaN) row per run at step 0: a streamed native plot draws its lines without
+    a stroke (invisible) unless every colour it will show was in its data from the first update
+    (Gradio 6.31; the browser test checks the strokes)."""
     seed = [{"step": 0, "loss": float("nan"), "run": run} for run in LOSS_COLORS]
     return pd.DataFrame([*seed, *rows], columns=["step", "loss", "run"]).astype({"step": int, "loss": float})
 

@@ -109,7 +109,11 @@ def test_inspector_watch_alone_and_blend(app, tmp_path):
         page.locator("#watch-run").click()
         page.locator("#watch-status", has_text="step 60 / 60").wait_for(timeout=120_000)
         assert page.locator("#watch-results .thumbnail-item").count() == 5
-        assert page.locator("#watch-loss canvas, #watch-loss svg").count() >= 1
+        lines = page.locator("#watch-loss .mark-line path")  # vega draws SVG: one path per curve
+        assert lines.count() == 2
+        assert all(len(lines.nth(i).get_attribute("d") or "") > 200 for i in range(2))  # 60 points each
+        # in their colours (a streamed native plot once drew its lines without a stroke: invisible)
+        assert {lines.nth(i).get_attribute("stroke") for i in range(2)} == {"#4f46e5", "#f59e0b"}
         assert "reads as" in page.locator("#watch-status").inner_text()
         page.wait_for_timeout(500)  # let the plots finish drawing
         inspector.screenshot(path=str(shots / "inspector-watch.png"))
