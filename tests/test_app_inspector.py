@@ -142,3 +142,12 @@ def test_downloaded_pseudo_word_loads_back_to_the_same_results(client, refs, tmp
     with pytest.raises(AppError, match="not a pseudo-word file"):
         client.predict(handle_file(str(bad)), "is larger", 10, None, api_name="/search_token")
     assert search(client, path, "is larger")[2]  # still serving
+
+
+def test_streamed_view_errors_are_one_line_messages(client, refs):
+    with pytest.raises(AppError, match="no reference image"):
+        client.predict(None, "is blue", STEPS, 10, True, None, True, api_name="/watch_oti")
+    with pytest.raises(AppError, match="caption is empty"):
+        client.predict(handle_file(str(refs["a"][0])), " ", STEPS, 10, True, None, True, api_name="/watch_oti")
+    assert client.predict(handle_file(str(refs["a"][0])), "", "phi", STEPS, 3, None, True,
+                          api_name="/alone")[2]["hits"]  # still serving

@@ -23,7 +23,6 @@ from isearle.demo.results import ResultItem
 from isearle.images import BadImage
 from isearle.oti import OTIConfig
 from isearle.retrieval import Hit
-from isearle.runtime import set_threads
 
 
 @dataclass
@@ -102,10 +101,7 @@ class InspectorViews:
             raise ValueError("phi is not available for this backbone: choose OTI")
         if method not in ("phi", "oti"):
             raise ValueError(f"unknown method {method!r}: choose phi or OTI")
-        try:
-            return ref.insp.retriever.pseudo_token(ref.image, method, self.oti(ref, steps), progress=True)
-        finally:
-            set_threads(self.engine.threads, faiss_threads=None)
+        return ref.insp.retriever.pseudo_token(ref.image, method, self.oti(ref, steps), progress=True)
 
     @staticmethod
     def oti(ref: Reference, steps: int) -> OTIConfig:
@@ -128,21 +124,17 @@ class InspectorViews:
         ref = self.reference(key, reference, caption, trained_only)
         oti = self.oti(ref, steps)
         start = time.perf_counter()
-        try:
-            for f in I.watch_oti(ref.insp, ref.image, ref.caption, oti, every, k, ref.exclude, warm):
-                set_threads(self.engine.threads, faiss_threads=None)
-                rows = [{"step": i + 1, "loss": round(v, 5), "run": run} for run, vals in f.losses.items()
-                        for i, v in enumerate(vals)]
-                items = self.items(ref, f.hits)
-                words = ", ".join(w for w, _ in f.view.tokens[:3])
-                concepts = ", ".join(c for c, _ in f.view.concepts[:3])
-                summary = (f"**step {f.step} / {f.steps}** · S\\* reads as **{words}** · concepts: **{concepts}** · "
-                           f"‖S\\*‖ = {f.view.norm:.3f} ({f.view.relative_norm:.2f}× the mean token norm)"
-                           + self.gt_line(ref, items))
-                yield Frame(f.step, f.steps, rows, pairs(f.view.tokens), pairs(f.view.concepts), items,
-                            f.view.norm, summary, f.done, 1000 * (time.perf_counter() - start), I.token_digest(f.token))
-        finally:
-            set_threads(self.engine.threads, faiss_threads=None)
+        for f in I.watch_oti(ref.insp, ref.image, ref.caption, oti, every, k, ref.exclude, warm):
+            rows = [{"step": i + 1, "loss": round(v, 5), "run": run} for run, vals in f.losses.items()
+                    for i, v in enumerate(vals)]
+            items = self.items(ref, f.hits)
+            words = ", ".join(w for w, _ in f.view.tokens[:3])
+            concepts = ", ".join(c for c, _ in f.view.concepts[:3])
+            summary = (f"**step {f.step} / {f.steps}** · S\\* reads as **{words}** · concepts: **{concepts}** · "
+                       f"‖S\\*‖ = {f.view.norm:.3f} ({f.view.relative_norm:.2f}× the mean token norm)"
+                       + self.gt_line(ref, items))
+            yield Frame(f.step, f.steps, rows, pairs(f.view.tokens), pairs(f.view.concepts), items,
+                        f.view.norm, summary, f.done, 1000 * (time.perf_counter() - start), I.token_digest(f.token))
 
     # ------------------------------------------------------------------------ 2. S* alone
     def alone(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = 150,
@@ -163,10 +155,7 @@ class InspectorViews:
         ref = self.reference(key, reference, caption, trained_only)
         if ref.loaded.service.phi is not None:
             self.token(ref, "oti", steps)  # with a progress bar (then cached)
-        try:
-            c = I.compare(ref.insp, ref.image, ref.caption, self.oti(ref, steps), k, ref.exclude)
-        finally:
-            set_threads(self.engine.threads, faiss_threads=None)
+        c = I.compare(ref.insp, ref.image, ref.caption, self.oti(ref, steps), k, ref.exclude)
         phi_items, oti_items = self.items(ref, c.phi_hits), self.items(ref, c.oti_hits)
         table = [[i + 1, *_cell(c.phi.concepts, i), *_cell(c.oti.concepts, i), *_cell(c.phi.tokens, i),
                   *_cell(c.oti.tokens, i)] for i in range(10)]
