@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from isearle.backbone import Backbone, WeightsUnavailable
@@ -32,15 +31,15 @@ from isearle.demo.media import REFERENCE_SIZE, ThumbnailCache, gallery_image, it
 from isearle.demo.results import METHOD_LABELS, Explanation, ResultItem, SearchResult
 from isearle.demo.settings import DEFAULT_OTI_STEPS, entries_from_args
 from isearle.images import BadImage
+from isearle.inspect import ALONE_TEMPLATE, Inspector, describe
 from isearle.oti import OTIConfig
 from isearle.paths import REPO_DIR, slug
-from isearle.pseudo_word import encode_with_pseudo_tokens
 from isearle.retrieval import Hit, LRUCache, Retriever, image_key
 from isearle.runtime import set_threads
 from isearle.service import Service
 from isearle.vocabulary import SHAPES_MODELS, TokenTable, trained_token_ids
 
-CONCEPT_TEMPLATE = "a photo of $"
+CONCEPT_TEMPLATE = ALONE_TEMPLATE  # "a photo of $": the prompt of the nearest concepts
 
 log = logging.getLogger(__name__)
 
@@ -301,16 +300,11 @@ class DemoEngine:
 
     def _explain(self, loaded: Loaded, image: Image.Image, caption: str, method: str, oti: OTIConfig,
                  k: int, trained_only: bool, key: str | None = None, ref_id: str | None = None) -> Explanation:
-        retriever, backbone = loaded.service.retriever, loaded.backbone
+        retriever = loaded.service.retriever
         token = retriever.pseudo_token(image, method, oti)
         allowed = loaded.trained if (trained_only and loaded.trained is not None) else None
-        tokens = loaded.table.nearest(token, 10, allowed)
-        bank = loaded.concepts()
-        with torch.inference_mode():
-            feat = F.normalize(encode_with_pseudo_tokens(backbone, [CONCEPT_TEMPLATE], token), dim=-1)[0]
-            sims = bank.features.to(feat.device) @ feat.float()
-            top = sims.topk(min(10, len(bank.names)))
-        concepts = [(bank.names[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
+        view = describe(Inspector(loaded.service, loaded.table, loaded.concepts(), allowed), token)
+        tokens, concepts = view.tokens, view.concepts
         which = "trained vocabulary" if allowed is not None else "whole vocabulary"
         tokens_chart = bar_chart([w for w, _ in tokens], [s for _, s in tokens],
                                  f"nearest tokens of S* ({which})")
@@ -323,9 +317,8 @@ class DemoEngine:
             gts = set(self.truth.get(ref_id, caption) or ()) if loaded.benchmark else set()
             image_only = self.result_items(key, loaded, self._query(retriever, image, caption, k, "image", exclude=exclude), gts)
             text_only = self.result_items(key, loaded, self._query(retriever, None, caption, k, "text", exclude=exclude), gts)
-        norm = float(token.float().norm())
         summary = (f"S* reads as **{', '.join(w for w, _ in tokens[:3])}** · concepts: "
-                   f"**{', '.join(c for c, _ in concepts[:3])}** · ‖S*‖ = {norm:.2f} "
+                   f"**{', '.join(c for c, _ in concepts[:3])}** · ‖S*‖ = {view.norm:.2f} "
                    f"(median token norm {loaded.table.median_norm:.2f})")
         return Explanation(tokens_chart, concepts_chart, tokens, concepts, image_only, text_only, summary)
 
