@@ -98,6 +98,8 @@ class Backbone:
     name: str
     pretrained: str | None
     device: torch.device
+    #: "fp16": autocast on CUDA (the demo's speed); "fp32": none (SEARLE's validate.py, `isearle eval`).
+    precision: str = "fp16"
     _placeholder_id: int | None = field(default=None, repr=False)
 
     @property
@@ -142,8 +144,9 @@ class Backbone:
 
     @property
     def autocast(self) -> torch.autocast:
-        """fp16 autocast for inference on CUDA; a no-op on CPU."""
-        return torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda")
+        """fp16 autocast on CUDA when `precision` is "fp16"; a no-op on CPU and in fp32."""
+        return torch.autocast("cuda", dtype=torch.float16,
+                              enabled=self.device.type == "cuda" and self.precision == "fp16")
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
         return self.tokenizer(list(texts)).to(self.device)
@@ -173,7 +176,8 @@ def encode_tokens(
 ) -> torch.Tensor:
     """Text features (un-normalised) of token ids, with S* in place of "$" when given.
 
-    `pseudo_tokens` is [B, width] (one per row) or [width] (broadcast to every row). With
+    `pseudo_tokens` is [B, width] (one per row) or [width] (broadcast to every row); it replaces the
+    first "$" of a row, as SEARLE's `encode_with_pseudo_tokens` does. With
     `truncate`, positions after the batch's last end-of-text token are never computed.
     """
     text = backbone.text
@@ -185,7 +189,8 @@ def encode_tokens(
     cast = text.transformer.get_cast_dtype()
     x = text.token_embedding(tokens).to(cast)
     if pseudo_tokens is not None:
-        where = (tokens == backbone.placeholder_id).unsqueeze(-1)
+        found = tokens == backbone.placeholder_id
+        where = (found & (found.cumsum(dim=1) == 1)).unsqueeze(-1)  # the first "$" of each row (SEARLE)
         pseudo = pseudo_tokens.to(cast)
         pseudo = pseudo.expand(tokens.shape[0], -1) if pseudo.dim() == 1 else pseudo
         x = torch.where(where, pseudo.unsqueeze(1), x)

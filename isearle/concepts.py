@@ -24,16 +24,22 @@ from isearle import paths
 from isearle.backbone import Backbone, WeightsUnavailable
 from isearle.runtime import hub_offline
 
-#: Prompt-ensembling templates (PALAVRA's 24).
+#: PALAVRA's 24 prompt templates, as SEARLE lists them (src/utils.py `get_templates`, spelling kept):
+#: concept ensembling formats each with the concept padded by spaces, OTI's content loss with " $ ".
 TEMPLATES: tuple[str, ...] = (
-    "This is a photo of a {}", "This is a photo of the {}", "This is a picture of a {}",
-    "This is a picture of the {}", "This is an image of a {}", "This is an image of the {}",
-    "A photo of a {}", "A photo of the {}", "A picture of a {}", "A picture of the {}",
-    "An image of a {}", "An image of the {}", "A sketch of a {}", "A sketch of the {}",
-    "A drawing of a {}", "A drawing of the {}", "A rendering of a {}", "A rendering of the {}",
-    "A close-up photo of a {}", "A close-up photo of the {}", "A good photo of a {}",
-    "A good photo of the {}", "{}", "a {}",
+    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
+    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
+    "This sketch contains a {}", "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}",
+    "A diagram of a {}", "A {}", "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image",
+    "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
+    "{} photo", "{} image", "{} illustration",
 )
+
+
+def ensemble_prompt(template: str, concept: str) -> str:
+    """SEARLE's concept prompt: the concept padded by spaces (`template.format(f" {c} ")`)."""
+    return template.format(f" {concept} ")
+
 
 OPENIMAGES_URL = "https://storage.googleapis.com/openimages/v7/oidv7-class-descriptions.csv"
 
@@ -94,7 +100,7 @@ class ConceptBank:
         feats = []
         for start in tqdm(range(0, len(names), batch_size), desc="concepts", disable=not progress):
             chunk = names[start : start + batch_size]
-            prompts = [t.format(name) for name in chunk for t in templates]
+            prompts = [ensemble_prompt(t, name) for name in chunk for t in templates]
             f = F.normalize(backbone.encode_texts(prompts), dim=-1).view(len(chunk), len(templates), -1)
             feats.append(F.normalize(f.mean(dim=1), dim=-1).cpu())
         return cls(names, torch.cat(feats))

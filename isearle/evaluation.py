@@ -28,7 +28,7 @@ import hashlib
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -141,8 +141,9 @@ def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config
     phrase_id = None
     if phrases is not None:
         from isearle.concepts import concept_bank
+        from isearle.phrases import load_phrase_bank
 
-        bank = json.loads(Path(phrases).read_text(encoding="utf-8"))
+        bank = load_phrase_bank(phrases)
         concepts = concept_bank(backbone, vocabulary, progress=progress)
         names = concepts.top_names(features, config.top_k_concepts)
         tasks = phrase_tasks(names, bank, config.top_k_concepts)
@@ -365,6 +366,7 @@ def evaluate(
     result["meta"] = {
         "benchmark": benchmark, "split": parts[0][0].split, "method": method,
         "backbone": backbone.name, "pretrained": backbone.pretrained, "preprocess": preprocess,
+        "precision": getattr(backbone, "precision", None),
         "phi": phi_name, "template": template,
         "oti": asdict(oti) | {"phrases": str(oti_phrases) if oti_phrases else None} if method == "oti" else None,
         "n_queries": sum(len(b) for b, _ in parts), "gallery_size": sum(len(b.gallery) for b, _ in parts),
@@ -374,6 +376,27 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return result
+
+
+#: Metric that selects phi during training (`isearle train-phi --val-every`), per benchmark.
+VAL_METRIC = {"cirr": "R@1", "circo": "mAP@10", "shapes": "mAP@10"}
+
+
+def phi_validator(backbone: Any, benchmark: str = "shapes", data: str | Path | None = None,
+                  metric: str | None = None, cache_dir: str | Path | None = "default") -> Callable[[Any], float]:
+    """phi -> its metric on `benchmark`'s val split (gallery features extracted once, then cached)."""
+    if data is None and benchmark != "shapes":
+        raise ValueError(f"validating on {benchmark} needs --val-data (its folder, official layout)")
+    metric = metric or VAL_METRIC.get(benchmark, "R@1")
+
+    def validate(phi: Any) -> float:
+        result = evaluate(backbone, benchmark, "val", "phi", phi, data=data, cache_dir=cache_dir, progress=False)
+        if metric not in result:
+            raise ValueError(f"{benchmark} has no metric {metric!r}: use one of "
+                             f"{', '.join(k for k in result if k not in ('meta', 'submissions'))}")
+        return float(result[metric])
+
+    return validate
 
 
 # ------------------------------------------------------------------------------------ table

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,16 +27,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
+from isearle.concepts import TEMPLATES as CONCEPT_TEMPLATES
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 
-#: Content-loss templates (SEARLE's OTI templates: a photo-like prompt around the placeholder).
-TEMPLATES: tuple[str, ...] = (
-    "a photo of $", "a picture of $", "an image of $", "a photo of a $", "a picture of a $",
-    "an image of a $", "a photo of the $", "a picture of the $", "an image of the $",
-    "this is a photo of $", "this is a picture of $", "this is an image of $",
-    "a close-up photo of $", "a good photo of $", "a rendering of $", "a photo showing $",
-    "an image showing $", "a picture showing $", "a snapshot of $", "a depiction of $",
-)
+#: Content-loss templates: SEARLE's OTI draws one of PALAVRA's 24 per image and step, formatted
+#: with " $ " (src/oti_inversion.py); the same list as concept ensembling.
+TEMPLATES: tuple[str, ...] = tuple(t.format(" $ ") for t in CONCEPT_TEMPLATES)
 
 
 @dataclass
@@ -69,28 +66,33 @@ class PhraseTask:
     pseudo_phrases: list[str]
 
 
-def replace_concept(phrase: str, concept: str) -> str | None:
-    """The phrase with its first standalone mention of `concept` replaced by "$" (None if absent)."""
-    import re
+def replace_concept(phrase: str, concept: str, count: int = 1) -> str | None:
+    """The phrase with its first `count` (0: every) standalone mentions of `concept` as " $ ", or None.
 
-    match = re.search(r"(?<![\w$])" + re.escape(concept) + r"(?![\w])", phrase, flags=re.IGNORECASE)
-    if match is None:
-        return None
-    return phrase[: match.start()] + " $ " + phrase[match.end():]
+    SEARLE uses `phrase.replace(concept, " $ ", 1)` in OTI and `phrase.replace(concept, " $ ")` in phi
+    training (case-sensitive); matching whole words only keeps "cat" out of "category".
+    """
+    pattern = re.compile(r"(?<![\w$])" + re.escape(concept) + r"(?![\w])")
+    out, n = pattern.subn(" $ ", phrase, count=count)
+    return out if n else None
+
+
+def usable_concepts(phrase_bank: Mapping[str, Sequence[str]]) -> set[str]:
+    """Concepts whose phrases all name them (SEARLE filters out a concept when one phrase does not)."""
+    return {c for c, ps in phrase_bank.items() if ps and all(replace_concept(p, c) for p in ps)}
 
 
 def phrase_tasks(
     image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15
 ) -> list[PhraseTask]:
-    """Candidate (phrase, phrase-with-$) pairs per image from its top-k concepts."""
+    """Per image, every (phrase, phrase-with-$) pair of its top-k distinct usable concepts (SEARLE's OTI)."""
+    usable = usable_concepts(phrase_bank)
     tasks = []
     for concepts in image_concepts:
         pairs = []
-        for concept in list(concepts)[:top_k]:
-            for phrase in phrase_bank.get(concept, ()):
-                pseudo = replace_concept(phrase, concept)
-                if pseudo is not None:
-                    pairs.append((phrase, pseudo))
+        for concept in list(dict.fromkeys(str(c).strip() for c in concepts))[:top_k]:
+            if concept in usable:
+                pairs += [(p, replace_concept(p, concept)) for p in phrase_bank[concept]]
         tasks.append(PhraseTask([p for p, _ in pairs], [q for _, q in pairs]))
     return tasks
 
@@ -121,14 +123,15 @@ class OTIObjective:
         self.template_tokens = tokenize_prompts(backbone, list(config.templates))
         use_gpt = config.lambda_gpt > 0 and tasks is not None
         self.tasks = list(tasks) if use_gpt else [PhraseTask([], []) for _ in range(n)]
-        # Draw every step's choices up front: the targets needed are then known and encoded once.
-        self.template_choice = torch.tensor(
-            [[rng.randrange(len(config.templates)) for _ in range(n)] for _ in range(config.steps)]
-        )
-        self.phrase_choice = [
-            [rng.randrange(len(t.phrases)) if t.phrases else -1 for t in self.tasks] for _ in range(config.steps)
-        ]
-        self.noise_gen = torch.Generator(device="cpu").manual_seed(rng.randrange(2**31))
+        # Draw every step's choices up front, in SEARLE's order (per step: templates, then phrases):
+        # the targets needed are then known and encoded once.
+        self.template_choice, self.phrase_choice = [], []
+        for _ in range(config.steps):
+            self.template_choice.append(rng.choices(range(len(config.templates)), k=n))
+            self.phrase_choice.append([rng.choice(range(len(t.phrases))) if t.phrases else -1 for t in self.tasks])
+        self.template_choice = torch.tensor(self.template_choice)
+        seed = rng.randrange(2**31) if config.gamma > 0 else 0
+        self.noise_gen = torch.Generator(device="cpu").manual_seed(seed)
         self._encode_phrases()
 
     def _encode_phrases(self) -> None:
@@ -186,6 +189,14 @@ def _project(v: torch.Tensor, cap: float) -> None:
     v.mul_((cap / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
 
 
+def grad_scaler(backbone: Backbone) -> torch.amp.GradScaler:
+    """SEARLE's GradScaler when the text tower runs under fp16 autocast (gradients of S* would
+    underflow in fp16 otherwise); a pass-through scaler in fp32 / bf16."""
+    autocast = backbone.autocast
+    fp16 = getattr(autocast, "_enabled", False) and getattr(autocast, "fast_dtype", None) == torch.float16
+    return torch.amp.GradScaler(backbone.device.type, enabled=bool(fp16))
+
+
 @dataclass
 class OTIStep:
     """The state of an OTI run after `step` optimisation steps (step 0: the initial token, loss nan)."""
@@ -225,13 +236,15 @@ def invert_steps(
             _project(v, cap)
         ema = v.detach().clone()
         optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
+        scaler = grad_scaler(backbone)
     yield OTIStep(0, torch.tensor(float("nan")), ema)
     for step in range(config.steps):
         with torch.inference_mode(False), torch.enable_grad():
             optimizer.zero_grad(set_to_none=True)
             loss = objective.loss(step, v)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             if cap is not None:
                 _project(v, cap)
             ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
@@ -408,7 +421,7 @@ def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor
 
 
 #: The OTI settings its tokens depend on; phi records them (its JSON's "oti") and runs OTI with them.
-TARGET_SETTINGS = ("steps", "gamma", "max_norm", "lambda_gpt")
+TARGET_SETTINGS = ("steps", "gamma", "max_norm", "lambda_gpt", "templates")
 
 
 def load_runs(out_dirs: Sequence[str | Path]) -> tuple[list[str], torch.Tensor, torch.Tensor,

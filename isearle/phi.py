@@ -124,7 +124,8 @@ def load_phi(spec: str | Path, device: str | torch.device = "cpu") -> Phi:
             info = json.loads(path.with_suffix(".json").read_text())
             phi = Phi(PhiConfig(**info["phi"]))
             phi.load_state_dict(load_file(str(path)))
-            phi.oti_settings = {k: v for k, v in info.get("oti", {}).items() if k in ("max_norm", "gamma")}
+            phi.oti_settings = {k: tuple(v) if k == "templates" else v
+                                for k, v in info.get("oti", {}).items() if k in ("max_norm", "gamma", "templates")}
         else:
             phi = load_official_searle(path)
     return phi.to(device).eval().requires_grad_(False)

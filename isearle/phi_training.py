@@ -10,13 +10,19 @@ Loss = lambda_distil * L_distil + lambda_gpt * L_gpt + lambda_reg * L_reg, where
   form "knn": 1 - mean cosine to the k nearest real token embeddings. Default "norm" (README).
 Batches (iSEARLE): with `hard_negatives`, images are grouped by k-means on their CLIP features, so
 a batch holds visually similar images whose OTI tokens are the hard negatives of L_distil.
+As in SEARLE (src/train_phi.py) the last partial batch is dropped; each image's GPT phrase is drawn
+by `PhraseSampler`; with a validation function, phi is scored every `val_every` epochs and the
+best-scoring weights are kept (`Selection`) beside the last.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
 import random
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -24,8 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
-from isearle.oti import PhraseTask, cosine_loss, phrase_tasks
-from isearle.phi import Phi
+from isearle.oti import cosine_loss, replace_concept, usable_concepts
+from isearle.phi import Phi, save_phi
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 
 
@@ -49,6 +55,10 @@ class PhiTrainConfig:
     top_k_concepts: int = 150
     dropout: float = 0.5
     seed: int = 0
+    #: score phi with the validation function every `val_every` epochs (0: never; SEARLE: 1, on CIRR val)
+    val_every: int = 0
+
+log = logging.getLogger(__name__)
 
 
 def nt_xent(pred: torch.Tensor, target: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
@@ -91,22 +101,83 @@ def similar_batches(features: torch.Tensor, batch_size: int, rng: np.random.Gene
     return batches
 
 
-def _gpt_loss(backbone: Backbone, pred: torch.Tensor, tasks: Sequence[PhraseTask], rng: random.Random,
-              cache: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    rows = [i for i, t in enumerate(tasks) if t.phrases]
+class PhraseSampler:
+    """SEARLE's GPT phrase of an image in phi training: a concept drawn uniformly from its top-k
+    (redrawn while it is filtered out), then one of that concept's phrases uniformly, with every
+    mention of the concept replaced by " $ " (S* takes the first "$", as in SEARLE's encoder)."""
+
+    def __init__(self, image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]],
+                 top_k: int) -> None:
+        self.bank, self.usable = phrase_bank, usable_concepts(phrase_bank)
+        self.concepts = [list(c)[:top_k] for c in image_concepts]
+        # an image none of whose top-k concepts is usable has no phrase (SEARLE would redraw forever)
+        self.has_phrase = [any(c in self.usable for c in cs) for cs in self.concepts]
+
+    def draw(self, idx: Sequence[int], rng: random.Random) -> tuple[list[int], list[str], list[str]]:
+        """(batch rows with a phrase, their phrases, the phrases with " $ ") for images `idx`."""
+        rows = [j for j, i in enumerate(idx) if self.has_phrase[i]]
+        concepts = []
+        for j in rows:
+            top = self.concepts[idx[j]]
+            concept = rng.choice(top)
+            while concept not in self.usable:
+                concept = rng.choice(top)
+            concepts.append(concept)
+        phrases = [rng.choice(self.bank[c]) for c in concepts]
+        pseudo = [replace_concept(p, c, count=0) for p, c in zip(phrases, concepts, strict=True)]
+        return rows, phrases, pseudo
+
+
+def _gpt_loss(backbone: Backbone, pred: torch.Tensor, sampler: PhraseSampler, idx: Sequence[int],
+              rng: random.Random, cache: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    rows, phrases, pseudo = sampler.draw(idx, rng)
     if not rows:
         return None
-    picks = [rng.randrange(len(tasks[i].phrases)) for i in rows]
-    phrases = [tasks[i].phrases[c] for i, c in zip(rows, picks, strict=True)]
     missing = [p for p in dict.fromkeys(phrases) if p not in cache]
     if missing:  # phrase targets are constant: encode each once
         with torch.no_grad():
             for p, f in zip(missing, backbone.encode_texts(missing), strict=True):
                 cache[p] = f
     targets = torch.stack([cache[p] for p in phrases])
-    tokens = tokenize_prompts(backbone, [tasks[i].pseudo_phrases[c] for i, c in zip(rows, picks, strict=True)])
+    tokens = tokenize_prompts(backbone, pseudo, repeats=True)
     feats = encode_tokens(backbone, tokens, pred[rows]).float()
     return cosine_loss(feats, targets)
+
+
+def phi_step(backbone: Backbone, phi: Phi, features: torch.Tensor, targets: torch.Tensor, idx: Sequence[int],
+             config: PhiTrainConfig, sampler: PhraseSampler | None, rng: random.Random,
+             cache: dict[str, torch.Tensor], vocab: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    """The loss of one batch `idx` (not yet back-propagated): {"distil", "gpt", "reg", "loss"}."""
+    idx_t = torch.as_tensor(idx)
+    pred = phi(features[idx_t].to(backbone.device))
+    distil = nt_xent(pred, targets[idx_t].to(backbone.device), config.temperature)
+    loss = config.lambda_distil * distil
+    gpt = None if sampler is None else _gpt_loss(backbone, pred, sampler, list(idx), rng, cache)
+    if gpt is not None:
+        loss = loss + config.lambda_gpt * gpt
+    reg = token_penalty(pred, vocab, config.reg_form, config.reg_knn, config.reg_norm)
+    loss = loss + config.lambda_reg * reg
+    return {"distil": distil, "gpt": gpt, "reg": reg, "loss": loss}
+
+
+@dataclass
+class Selection:
+    """The best validated phi of a run (filled by `train_phi` when it validates)."""
+
+    epoch: int = 0
+    metric: float = float("-inf")
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
+
+
+def _batches(features: torch.Tensor, config: PhiTrainConfig, nrng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches, the last partial one dropped (SEARLE's `drop_last=True`)."""
+    n = features.shape[0]
+    if config.hard_negatives and n >= 2 * config.batch_size:
+        batches = similar_batches(features, config.batch_size, nrng)
+    else:
+        perm = nrng.permutation(n)
+        batches = [perm[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    return [b for b in batches if len(b) == config.batch_size]
 
 
 def train_phi(
@@ -118,43 +189,64 @@ def train_phi(
     phrase_bank: Mapping[str, Sequence[str]] | None = None,
     phi: Phi | None = None,
     progress: bool = True,
+    validate: Callable[[Phi], float] | None = None,
+    selection: Selection | None = None,
 ) -> tuple[Phi, list[dict[str, float]]]:
-    """Distil phi from OTI tokens; returns phi (eval mode) and per-epoch mean losses."""
+    """Distil phi from OTI tokens; returns phi (eval mode, last epoch) and per-epoch mean losses.
+
+    With `validate` (phi -> metric, higher is better) and `config.val_every`, the metric is logged in
+    the history ("val") and the best weights are kept in `selection`.
+    """
     config = config or PhiTrainConfig()
+    n = image_features.shape[0]
+    if n < config.batch_size:
+        raise ValueError(f"{n} training images but --batch-size {config.batch_size}: the last partial batch is "
+                         "dropped (SEARLE), so lower --batch-size or add images")
     torch.manual_seed(config.seed)
     rng, nrng = random.Random(config.seed), np.random.default_rng(config.seed)
     device = backbone.device
     phi = (phi or Phi.for_backbone(backbone.embed_dim, backbone.token_width, config.dropout)).to(device).train()
     optimizer = torch.optim.AdamW(phi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    tasks = None
+    sampler = None
     if image_concepts is not None and phrase_bank is not None and config.lambda_gpt > 0:
-        tasks = phrase_tasks(image_concepts, phrase_bank, config.top_k_concepts)
+        sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts)
     vocab = backbone.token_embedding.weight.detach()
     features, targets = image_features.float().cpu(), oti_tokens.float().cpu()
-    n, cache, history = features.shape[0], {}, []
-    for _ in tqdm(range(config.epochs), desc="phi epochs", disable=not progress):
-        if config.hard_negatives and n >= 2 * config.batch_size:
-            batches = similar_batches(features, config.batch_size, nrng)
-        else:
-            perm = nrng.permutation(n)
-            batches = [perm[i : i + config.batch_size] for i in range(0, n, config.batch_size)]
+    cache: dict[str, torch.Tensor] = {}
+    history: list[dict[str, float]] = []
+    for epoch in tqdm(range(1, config.epochs + 1), desc="phi epochs", disable=not progress):
+        batches = _batches(features, config, nrng)
         sums: dict[str, float] = {"distil": 0.0, "gpt": 0.0, "reg": 0.0, "loss": 0.0}
         for idx in batches:
-            if len(idx) < 2:
-                continue
-            idx_t = torch.as_tensor(idx)
-            pred = phi(features[idx_t].to(device))
-            distil = nt_xent(pred, targets[idx_t].to(device), config.temperature)
-            loss = config.lambda_distil * distil
-            gpt = None if tasks is None else _gpt_loss(backbone, pred, [tasks[i] for i in idx], rng, cache)
-            if gpt is not None:
-                loss = loss + config.lambda_gpt * gpt
-            reg = token_penalty(pred, vocab, config.reg_form, config.reg_knn, config.reg_norm)
-            loss = loss + config.lambda_reg * reg
+            losses = phi_step(backbone, phi, features, targets, idx, config, sampler, rng, cache, vocab)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            losses["loss"].backward()
             optimizer.step()
-            for key, val in (("distil", distil), ("gpt", gpt), ("reg", reg), ("loss", loss)):
+            for key, val in losses.items():
                 sums[key] += 0.0 if val is None else float(val.detach()) / len(batches)
+        if validate is not None and config.val_every > 0 and epoch % config.val_every == 0:
+            sums["val"] = float(validate(phi.eval()))
+            phi.train().requires_grad_(True)
+            log.info("phi epoch %d: validation %.4f", epoch, sums["val"])
+            if selection is not None and sums["val"] > selection.metric:
+                selection.epoch, selection.metric = epoch, sums["val"]
+                selection.state = copy.deepcopy({k: v.detach().cpu() for k, v in phi.state_dict().items()})
         history.append(sums)
     return phi.eval(), history
+
+
+def last_path(out: str | Path) -> Path:
+    """Where the last epoch's phi goes when `out` holds the best validated one."""
+    out = Path(out).with_suffix(".safetensors")
+    return out.with_name(f"{out.stem}.last.safetensors")
+
+
+def save_trained(phi: Phi, out: str | Path, extra: dict, selection: Selection | None = None) -> list[Path]:
+    """Save phi to `out`; after validation `out` holds the best epoch's weights and `last_path(out)` the last."""
+    if selection is None or selection.state is None:
+        return [save_phi(phi, out, extra)]
+    last = save_phi(phi, last_path(out), {**extra, "selected": "last"})
+    best = copy.deepcopy(phi).cpu()
+    best.load_state_dict(selection.state)
+    best_extra = {**extra, "selected": "best", "best_epoch": selection.epoch, "best_val": selection.metric}
+    return [save_phi(best, out, best_extra), last]

@@ -9,18 +9,20 @@ world's grammar, or templated continuations for other vocabularies.
 from __future__ import annotations
 
 import json
+import logging
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from isearle.backbone import WeightsUnavailable
+from isearle.backbone import PLACEHOLDER, WeightsUnavailable
 from isearle.oti import replace_concept
 from isearle.runtime import hub_offline
 
 PROMPT = "a photo of {} that"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,6 +41,28 @@ class LMConfig:
 def keep_valid(concept: str, phrases: Sequence[str]) -> list[str]:
     """Phrases that still name the concept as a standalone word (others can't hold "$")."""
     return [p for p in dict.fromkeys(" ".join(p.split()) for p in phrases) if replace_concept(p, concept)]
+
+
+def without_placeholder(bank: Mapping[str, Sequence[str]], source: str = "phrase bank") -> dict[str, list[str]]:
+    """The bank without phrases that already contain "$" ("... costs $5"): with the concept replaced
+    they would hold two placeholders, which no prompt may. The number dropped is logged."""
+    out = {c: [p for p in ps if PLACEHOLDER not in p] for c, ps in bank.items()}
+    dropped = sum(len(ps) for ps in bank.values()) - sum(len(ps) for ps in out.values())
+    if dropped:
+        log.warning('%s: dropped %d phrase(s) containing "%s"', source, dropped, PLACEHOLDER)
+    return out
+
+
+def load_phrase_bank(path: str | Path) -> dict[str, list[str]]:
+    """{concept: phrases} from an `isearle phrases` JSON, without phrases holding "$"."""
+    path = Path(path)
+    try:
+        bank = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"phrase bank {path} is unreadable ({err}): re-create it with `isearle phrases`") from err
+    if not isinstance(bank, dict):
+        raise ValueError(f"phrase bank {path} is not a {{concept: [phrases]}} JSON: re-create it with `isearle phrases`")
+    return without_placeholder(bank, str(path))
 
 
 def lm_generator(config: LMConfig) -> Callable[[str], list[str]]:
@@ -97,16 +121,21 @@ def generate_phrases(concepts: Sequence[str], generator: Callable[[str], list[st
                      cache: str | Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """{concept: phrases}, [] for concepts dropped because a phrase lost them; resumable through a JSON cache."""
     path = Path(cache) if cache else None
-    bank: dict[str, list[str]] = json.loads(path.read_text()) if path and path.is_file() else {}
+    bank: dict[str, list[str]] = load_phrase_bank(path) if path and path.is_file() else {}
+    dropped = 0
     for i, concept in enumerate(tqdm(concepts, desc="phrases", disable=not progress)):
         if concept in bank:
             continue
-        raw = generator(concept)
+        generated = generator(concept)
+        raw = [p for p in generated if PLACEHOLDER not in p]  # "$" is the placeholder: see without_placeholder
+        dropped += len(generated) - len(raw)
         valid = keep_valid(concept, raw)
         complete = len(valid) == len(dict.fromkeys(" ".join(p.split()) for p in raw))
         bank[concept] = valid if complete else []  # [] marks a dropped concept (kept for resuming)
         if path and i % 50 == 49:
             path.write_text(json.dumps(bank))
+    if dropped:
+        log.warning('dropped %d generated phrase(s) containing "%s"', dropped, PLACEHOLDER)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(bank, indent=0))

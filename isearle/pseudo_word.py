@@ -32,13 +32,15 @@ def fill_template(template: str, caption: str) -> str:
     return normalize_prompt(template.replace("{}", caption.strip()) if "{}" in template else template)
 
 
-def tokenize_prompts(backbone: Backbone, prompts: Sequence[str], placeholder: bool = True) -> torch.Tensor:
-    """Tokenise prompts; with `placeholder`, check every row holds exactly one "$" token."""
+def tokenize_prompts(backbone: Backbone, prompts: Sequence[str], placeholder: bool = True,
+                     repeats: bool = False) -> torch.Tensor:
+    """Tokenise prompts; with `placeholder`, check every row holds exactly one "$" token (at least
+    one with `repeats`: SEARLE's phi-training phrases, where S* takes the first)."""
     prompts = [normalize_prompt(p) for p in prompts]
     tokens = backbone.tokenize(prompts)
     if placeholder:
         counts = (tokens == backbone.placeholder_id).sum(dim=1)
-        bad = [p for p, c in zip(prompts, counts.tolist(), strict=True) if c != 1]
+        bad = [p for p, c in zip(prompts, counts.tolist(), strict=True) if c < 1 or (c > 1 and not repeats)]
         if bad:
             raise ValueError(f'prompt must hold exactly one standalone "{PLACEHOLDER}": {bad[0]!r}')
     return tokens

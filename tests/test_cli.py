@@ -172,3 +172,32 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
                  "--steps", "5", "--batch-size", "4", "--out", str(out)]) == 0
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard_*.safetensors")} == shards
     capsys.readouterr()
+
+
+def test_a_phrase_bank_with_dollar_phrases_runs_through_oti_and_train_phi(tmp_path, capsys):
+    """A GPT bank holds "... costs $5": both presets' OTI and phi training drop such phrases and run."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for colour in ["red", "green", "blue", "yellow"]:
+        Image.new("RGB", (40, 32), colour).save(images / f"{colour}.png")
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("dog\ncat\n", encoding="utf-8")
+    phrases = tmp_path / "phrases.json"
+    phrases.write_text(json.dumps({
+        "dog": ["a photo of dog that costs $5", "a photo of dog that runs", "$ dog"],
+        "cat": ["a photo of cat that is $ 3", "a photo of cat near a cat"],
+    }))
+    for preset in ("searle", "isearle"):
+        out = tmp_path / f"oti_{preset}"
+        assert main(["oti", *TINY, "--preset", preset, "--images", str(images), "--vocabulary", str(vocab),
+                     "--phrases", str(phrases), "--steps", "3", "--batch-size", "2", "--out", str(out)]) == 0
+        config = json.loads((out / "config.json").read_text())
+        assert config["gamma"] == (0.0 if preset == "searle" else 0.1) and config["lambda_gpt"] == 0.5
+        phi_path = tmp_path / f"phi_{preset}.safetensors"
+        assert main(["train-phi", *TINY, "--preset", preset, "--oti", str(out), "--phrases", str(phrases),
+                     "--epochs", "2", "--batch-size", "2", "--out", str(phi_path)]) == 0
+        meta = json.loads(phi_path.with_suffix(".json").read_text())
+        assert meta["preset"] == preset and meta["final_losses"]["gpt"] > 0
+        assert meta["train"]["hard_negatives"] == (preset == "isearle")
+        assert meta["train"]["reg_form"] == ("none" if preset == "searle" else "norm")
+    assert "error" not in capsys.readouterr().err

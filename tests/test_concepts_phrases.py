@@ -105,7 +105,7 @@ def test_concept_bank_is_cached_on_disk(tiny, tmp_path, monkeypatch):
 def test_keep_valid_drops_phrases_that_lose_the_concept():
     phrases = ["a photo of dog that runs", "a photo of a hotdog", "a photo of  dog that runs",
                "a photo of Dog on grass", "a photo of dogs", "a cat"]
-    assert keep_valid("dog", phrases) == ["a photo of dog that runs", "a photo of Dog on grass"]
+    assert keep_valid("dog", phrases) == ["a photo of dog that runs"]  # case-sensitive (SEARLE)
 
 
 def test_generate_phrases_drops_and_resumes(tmp_path):
@@ -149,3 +149,25 @@ def test_lm_generator_without_transformers_says_how_to_install(monkeypatch):
 
     with pytest.raises(RuntimeError, match=r"isearle\[lm\]"):
         lm_generator(LMConfig())
+
+
+# ------------------------------------------------------------------- phrases holding the placeholder
+def test_phrases_with_a_dollar_are_dropped_when_made_and_when_loaded(tmp_path, caplog):
+    from isearle.phrases import load_phrase_bank
+
+    def generator(concept: str) -> list[str]:
+        return [f"a photo of {concept} that costs $5", f"a photo of {concept} that is small", f"a $ {concept}"]
+
+    with caplog.at_level("WARNING", logger="isearle.phrases"):
+        bank = generate_phrases(["dog"], generator, progress=False)
+    assert bank == {"dog": ["a photo of dog that is small"]}  # kept, not dropped as a concept
+    assert 'dropped 2 generated phrase(s) containing "$"' in caplog.text
+    path = tmp_path / "bank.json"
+    path.write_text(json.dumps({"dog": ["a photo of dog that costs $5", "a photo of dog"], "cat": ["a $ cat"]}))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="isearle.phrases"):
+        assert load_phrase_bank(path) == {"dog": ["a photo of dog"], "cat": []}
+    assert "dropped 2 phrase(s)" in caplog.text
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="isearle phrases"):
+        load_phrase_bank(path)

@@ -411,3 +411,29 @@ def test_cli_end_to_end_with_the_tiny_model(data, tiny_phi, tmp_path, capsys, na
         assert len(subm) == meta["n_queries"] and all(len(v) == 14 for v in subm.values())
     if method == "oti":
         assert meta["oti"]["steps"] == 2 and any((tmp_path / "cache" / "oti").rglob("shard_*.safetensors"))
+
+
+def test_train_phi_validates_on_cirr_val_and_keeps_the_best(data, tmp_path, capsys):
+    from isearle.backbone import load_backbone
+    from isearle.phi import load_phi
+
+    root, _ = data
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "yellow"]):
+        Image.new("RGB", (32, 32 + i), colour).save(images / f"{colour}.png")
+    model = ["--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu"]
+    assert cli_main(["oti", *model, "--images", str(images), "--vocabulary", "imagenet", "--steps", "2",
+                     "--batch-size", "4", "--out", str(tmp_path / "oti")]) == 0
+    out = tmp_path / "phi.safetensors"
+    assert cli_main(["train-phi", *model, "--oti", str(tmp_path / "oti"), "--epochs", "3", "--batch-size", "2",
+                     "--lr", "1e-2", "--val-every", "1", "--val-benchmark", "cirr", "--val-data", str(root / "CIRR"),
+                     "--out", str(out)]) == 0
+    meta = json.loads(out.with_suffix(".json").read_text())
+    last = out.with_name("phi.last.safetensors")
+    assert last.is_file() and len(meta["val"]) == 3
+    assert meta["best_val"] == max(meta["val"]) and meta["val"][meta["best_epoch"] - 1] == meta["best_val"]
+    tiny = load_backbone("isearle-tiny-test", None, device="cpu")
+    again = evaluate(tiny, "cirr", "val", "phi", load_phi(out), data=root / "CIRR", cache_dir=None, progress=False)
+    assert again["R@1"] == meta["best_val"]  # the metric logged is the saved phi's
+    assert "best validation" in capsys.readouterr().out

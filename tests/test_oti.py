@@ -13,7 +13,6 @@ from safetensors import safe_open
 
 from isearle.concepts import ConceptBank
 from isearle.oti import (
-    TEMPLATES,
     OTIConfig,
     OTIObjective,
     invert,
@@ -29,7 +28,7 @@ from isearle.oti import (
 from isearle.pseudo_word import encode_with_pseudo_tokens, normalize_prompt
 
 PHRASE_BANK = {
-    "dog": ["a photo of dog that is on the grass", "a photo of Dog that sleeps", "a photo of dog, running"],
+    "dog": ["a photo of dog that is on the grass", "a photo of dog that sleeps", "a photo of dog, running"],
     "cat": ["a photo of cat that is black", "a photo of a cat on a sofa"],
     "car": ["a photo of car that is red and parked in a very long street next to many other cars"],
     "tree": ["a photo of tree that has no leaves"],
@@ -43,13 +42,24 @@ def _features(n: int, dim: int, seed: int = 0) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- phrase helpers
 def test_replace_concept():
-    assert normalize_prompt(replace_concept("a photo of Dog that sleeps", "dog")) == "a photo of $ that sleeps"
+    assert normalize_prompt(replace_concept("a photo of dog that sleeps", "dog")) == "a photo of $ that sleeps"
+    assert replace_concept("a photo of Dog that sleeps", "dog") is None  # case-sensitive, as SEARLE's str.replace
     assert normalize_prompt(replace_concept("a photo of dog, running", "dog")) == "a photo of $ , running"
     assert normalize_prompt(replace_concept("a hot dog and a dog", "hot dog")) == "a $ and a dog"
+    assert normalize_prompt(replace_concept("a dog near a dog", "dog")) == "a $ near a dog"  # OTI: the first
+    assert normalize_prompt(replace_concept("a dog near a dog", "dog", count=0)) == "a $ near a $"  # phi: every
     assert replace_concept("a photo of a hotdog", "dog") is None
     assert replace_concept("a photo of dogs", "dog") is None
     assert replace_concept("a photo of a cat", "dog") is None
     assert normalize_prompt(replace_concept("my t-shirt is red", "t-shirt")) == "my $ is red"
+
+
+def test_phrase_tasks_drop_a_concept_one_of_whose_phrases_lost_it():
+    """SEARLE's filter: a concept is unusable when one of its phrases no longer contains it."""
+    bank = {"dog": ["a photo of dog that runs", "a photo of a puppy"], "cat": ["a photo of cat that naps"]}
+    tasks = phrase_tasks([["dog", "cat"], [" cat ", "cat", "dog"]], bank, top_k=2)
+    assert tasks[0].phrases == ["a photo of cat that naps"]
+    assert tasks[1].phrases == ["a photo of cat that naps"]  # stripped and de-duplicated, then top-k
 
 
 def test_phrase_tasks_pairs_and_top_k():
@@ -202,13 +212,6 @@ def test_objective_without_phrases_is_content_only(tiny):
     assert abs(objective.loss(1, v).item() - _naive_searle_loss(tiny, objective, 1, v).item()) <= 1e-5
 
 
-def test_default_config_is_searle():
-    cfg = OTIConfig()
-    assert (cfg.steps, cfg.lr, cfg.weight_decay, cfg.ema_decay, cfg.init_std) == (350, 2e-2, 0.01, 0.99, 0.02)
-    assert (cfg.lambda_content, cfg.lambda_gpt, cfg.top_k_concepts, cfg.max_norm) == (1.0, 0.5, 15, 0.0)
-    assert all(normalize_prompt(t).split().count("$") == 1 for t in TEMPLATES)
-
-
 # ------------------------------------------------------------------------- resumable dataset run
 def test_invert_dataset_resumes_and_skips_existing_shards(tiny, tmp_path):
     n = 5
@@ -281,9 +284,35 @@ def test_invert_images_writes_a_loadable_run(tiny, tmp_path):
 
     both = load_runs([out, out])  # concatenated, with the settings they share
     assert both[0] == ids + ids and torch.equal(both[2], torch.cat([tokens, tokens])) and both[3] == concepts * 2
-    assert both[4] == {"steps": 4, "gamma": cfg.gamma, "max_norm": 0.0, "lambda_gpt": cfg.lambda_gpt}
+    assert both[4] == {"steps": 4, "gamma": cfg.gamma, "max_norm": 0.0, "lambda_gpt": cfg.lambda_gpt,
+                       "templates": list(cfg.templates)}
     other = tmp_path / "capped"
     shutil.copytree(out, other)
     (other / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), "max_norm": 2.0}))
     with pytest.raises(ValueError, match="same OTI settings"):
         load_runs([out, other])
+
+
+# ------------------------------------------------------------------------------------ precision
+def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
+    """SEARLE runs OTI under fp16 autocast with a GradScaler: S*'s gradients cannot underflow."""
+    import dataclasses
+
+    import isearle.oti as oti_module
+
+    assert not oti_module.grad_scaler(tiny).is_enabled()  # fp32 on the CPU: nothing to scale
+    assert not oti_module.grad_scaler(dataclasses.replace(tiny, precision="fp32")).is_enabled()
+    monkeypatch.setattr(type(tiny), "autocast", property(lambda self: torch.autocast("cpu", dtype=torch.float16)))
+    scaled: list[float] = []
+    scale = torch.amp.GradScaler.scale
+
+    def spy(self, outputs):
+        out = scale(self, outputs)
+        scaled.append(float(out.detach() / outputs.detach()))
+        return out
+
+    monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
+    feats = _features(2, tiny.embed_dim)
+    tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
+    assert len(scaled) == 3 and scaled[0] == 2.0**16  # every step's loss was scaled before backward
+    assert torch.isfinite(tokens).all()

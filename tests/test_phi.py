@@ -1,5 +1,6 @@
 """phi: SEARLE architecture, distillation training, NT-Xent, token penalty, checkpoints (ours and official)."""
 
+import json
 import math
 import os
 import pickle
@@ -274,3 +275,34 @@ def test_resolve_phi_named_default_and_missing(tiny, tmp_path, monkeypatch):
         resolve_phi(shapes, required=True)
     with pytest.raises(WeightsUnavailable):
         resolve_phi(tiny, str(tmp_path / "gone.safetensors"))
+
+
+def test_validation_keeps_the_best_and_the_last_epoch(tiny, tmp_path):
+    from isearle.phi import load_phi
+    from isearle.phi_training import Selection, last_path, save_trained
+
+    feats, tokens = _synthetic(tiny, 32)
+    scores = iter([1.0, 5.0, 3.0])
+    seen: list[bool] = []
+
+    def validate(phi):
+        seen.append(phi.training)
+        return next(scores)
+
+    cfg = PhiTrainConfig(epochs=3, batch_size=8, lr=1e-3, val_every=1)
+    selection = Selection()
+    phi, history = train_phi(tiny, feats, tokens, cfg, validate=validate, selection=selection, progress=False)
+    assert [h["val"] for h in history] == [1.0, 5.0, 3.0] and seen == [False] * 3  # phi validated in eval mode
+    assert (selection.epoch, selection.metric) == (2, 5.0)
+    paths = save_trained(phi, tmp_path / "phi.safetensors", {"backbone": tiny.name}, selection)
+    assert paths == [tmp_path / "phi.safetensors", last_path(tmp_path / "phi.safetensors")]
+    best, last = load_phi(paths[0]), load_phi(paths[1])
+    two, _ = train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=2, batch_size=8, lr=1e-3), progress=False)
+    for key, value in two.state_dict().items():
+        assert torch.equal(best.state_dict()[key], value), key  # the epoch-2 weights
+        assert torch.equal(last.state_dict()[key], phi.state_dict()[key])
+    assert json.loads(paths[0].with_suffix(".json").read_text())["best_epoch"] == 2
+    every_other = iter([2.0])
+    _, history = train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=2, batch_size=8, val_every=2),
+                           validate=lambda phi: next(every_other), progress=False)
+    assert "val" not in history[0] and history[1]["val"] == 2.0

@@ -46,28 +46,43 @@ def source_from(args: argparse.Namespace, size: int) -> tuple[list[str], list]:
     return scene_source(args.shapes, args.shapes_seed, size)
 
 
+def add_preset_argument(p: argparse.ArgumentParser) -> None:
+    """--preset: SEARLE's recipe or iSEARLE's (the default); options given explicitly override it."""
+    from isearle.presets import DEFAULT_PRESET, PRESETS
+
+    p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
+                   help="recipe: searle (the authors' code) or isearle (README: faithfulness); options given override it")
+
+
 def add_oti_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
-    """OTI's settings as flags (`isearle oti`: --steps ...; `isearle eval`: --oti-steps ...), from `OTIConfig`."""
+    """OTI's settings as flags (`isearle oti`: --steps ...; `isearle eval`: --oti-steps ...); unset ones
+    come from `--preset` (`isearle.presets`)."""
     from isearle.oti import OTIConfig
+    from isearle.presets import TEMPLATE_SETS
 
     d, f = OTIConfig(), f"--{prefix}"
+    add_preset_argument(p)
     p.add_argument(f"{f}vocabulary", default="openimages", help="concept vocabulary for the GPT loss")
     p.add_argument(f"{f}phrases", type=Path, default=None,
                    help="phrase JSON from `isearle phrases` for the GPT loss (none: content loss only)")
-    p.add_argument(f"{f}steps", type=int, default=d.steps, help=f"OTI steps per image (paper: {d.steps})")
-    p.add_argument(f"{f}batch-size", type=int, default=d.batch_size, help="images inverted together")
-    p.add_argument(f"{f}lr", type=float, default=d.lr, help="OTI AdamW learning rate")
-    p.add_argument(f"{f}gamma", type=float, default=d.gamma, help="iSEARLE noise std on text features (0: SEARLE)")
-    p.add_argument(f"{f}lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
-    p.add_argument(f"{f}max-norm", type=float, default=d.max_norm,
+    p.add_argument(f"{f}steps", type=int, default=None, help=f"OTI steps per image (paper: {d.steps})")
+    p.add_argument(f"{f}batch-size", type=int, default=None, help=f"images inverted together ({d.batch_size})")
+    p.add_argument(f"{f}lr", type=float, default=None, help=f"OTI AdamW learning rate ({d.lr})")
+    p.add_argument(f"{f}gamma", type=float, default=None, help="iSEARLE noise std on text features (default: the preset's)")
+    p.add_argument(f"{f}lambda-gpt", type=float, default=None, help=f"weight of the GPT phrase loss ({d.lambda_gpt})")
+    p.add_argument(f"{f}max-norm", type=float, default=None,
                    help="cap on ||S*|| in units of the mean token-embedding norm (0: no cap, SEARLE)")
-    p.add_argument(f"{f}seed", type=int, default=d.seed, help="OTI seed (batch b uses seed + b)")
+    p.add_argument(f"{f}templates", choices=TEMPLATE_SETS, default=None,
+                   help="content templates: searle (PALAVRA's 24, default) or shapes (the shapes world's)")
+    p.add_argument(f"{f}seed", type=int, default=None, help="OTI seed (batch b uses seed + b)")
 
 
 def oti_config_from(args: argparse.Namespace, prefix: str = "") -> Any:
-    """The `OTIConfig` of `add_oti_arguments`' flags (no GPT loss without phrases)."""
-    from isearle.oti import OTIConfig
+    """The `OTIConfig` of `--preset` and `add_oti_arguments`' flags (no GPT loss without phrases)."""
+    from isearle.presets import oti_templates, preset
 
     a = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
-    return OTIConfig(steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], gamma=a["gamma"],
-                     lambda_gpt=a["lambda_gpt"] if a["phrases"] else 0.0, max_norm=a["max_norm"], seed=a["seed"])
+    return preset(args.preset).oti_config(
+        steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], gamma=a["gamma"],
+        lambda_gpt=a["lambda_gpt"] if a["phrases"] else 0.0, max_norm=a["max_norm"], seed=a["seed"],
+        templates=oti_templates(a["templates"]) if a["templates"] else None)

@@ -33,6 +33,8 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-reference", choices=["auto", "yes", "no"], default="auto",
                    help="remove the reference image from the ranking (auto: yes for cirr and shapes)")
     add_oti_arguments(p, prefix="oti-")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp32 (SEARLE's evaluation, comparable with the papers) or fp16 autocast on CUDA (faster)")
     p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -55,6 +57,7 @@ def eval_main(args: argparse.Namespace) -> int:
     set_threads(faiss_threads=None)  # torch threads = the CPU quota; faiss, unused here, keeps its setting
     model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
     backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
+    backbone.precision = args.precision
     oti = oti_config_from(args, prefix="oti_")
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_reference]
     cache = None if args.no_cache else (args.cache_dir if args.cache_dir is not None else "default")

@@ -9,6 +9,7 @@ from pathlib import Path
 from isearle.cli.common import (
     add_backbone_arguments,
     add_oti_arguments,
+    add_preset_argument,
     add_source_arguments,
     backbone_from,
     oti_config_from,
@@ -82,11 +83,12 @@ def oti_main(args: argparse.Namespace) -> int:
     from isearle.concepts import concept_bank
     from isearle.oti import invert_images
     from isearle.phi import load_phi
+    from isearle.phrases import load_phrase_bank
 
     backbone = backbone_from(args)
     config = oti_config_from(args)
     ids, items = source_from(args, backbone.image_size)
-    bank = json.loads(args.phrases.read_text()) if args.phrases else None
+    bank = load_phrase_bank(args.phrases) if args.phrases else None
     phi = load_phi(args.phi, backbone.device) if args.phi else None
     concepts = concept_bank(backbone, args.vocabulary)
     if args.ray:
@@ -106,37 +108,57 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
 
     d = PhiTrainConfig()
     add_backbone_arguments(p)
+    add_preset_argument(p)
     p.add_argument("--oti", type=Path, nargs="+", required=True,
                    help="folder(s) of `isearle oti` runs (features, concepts, tokens); several are concatenated")
     p.add_argument("--phrases", type=Path, default=None, help="phrase JSON for the GPT loss (none: distillation only)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs (paper: 100)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (paper: 256)")
-    p.add_argument("--lr", type=float, default=d.lr, help="AdamW learning rate")
-    p.add_argument("--temperature", type=float, default=d.temperature, help="NT-Xent temperature")
-    p.add_argument("--lambda-gpt", type=float, default=d.lambda_gpt, help="weight of the GPT phrase loss")
-    p.add_argument("--lambda-reg", type=float, default=d.lambda_reg, help="weight of iSEARLE's token penalty")
-    p.add_argument("--reg-form", choices=["norm", "knn", "none"], default=d.reg_form, help="form of the token penalty")
-    p.add_argument("--reg-norm", type=float, default=d.reg_norm,
+    p.add_argument("--epochs", type=int, default=None, help=f"training epochs (paper: {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"batch size (paper: {d.batch_size}; the last partial batch is dropped)")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate ({d.lr})")
+    p.add_argument("--temperature", type=float, default=None, help=f"NT-Xent temperature ({d.temperature})")
+    p.add_argument("--lambda-gpt", type=float, default=None, help=f"weight of the GPT phrase loss ({d.lambda_gpt})")
+    p.add_argument("--lambda-reg", type=float, default=None, help="weight of iSEARLE's token penalty (default: the preset's)")
+    p.add_argument("--reg-form", choices=["norm", "knn", "none"], default=None,
+                   help="form of the token penalty (default: the preset's)")
+    p.add_argument("--reg-norm", type=float, default=None,
                    help="'norm' penalty target in units of the mean token-embedding norm (match OTI's --max-norm)")
     p.add_argument("--no-hard-negatives", action="store_true", help="random batches (SEARLE) instead of similar images")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed")
+    p.add_argument("--seed", type=int, default=None, help="seed")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="validate every N epochs; --out then keeps the best epoch, OUT.last.safetensors the last")
+    p.add_argument("--val-benchmark", choices=["shapes", "cirr", "circo"], default="shapes",
+                   help="validation benchmark (val split): shapes (offline) or cirr / circo with --val-data")
+    p.add_argument("--val-data", type=Path, default=None, help="dataset folder of --val-benchmark (official layout)")
+    p.add_argument("--val-metric", default=None, help="metric to maximise (default: R@1 for cirr, mAP@10 otherwise)")
     p.add_argument("--out", type=Path, required=True, help="phi checkpoint (.safetensors + .json)")
 
 
 def train_phi_main(args: argparse.Namespace) -> int:
+    from isearle.evaluation import phi_validator
     from isearle.oti import load_runs
-    from isearle.phi import save_phi
-    from isearle.phi_training import PhiTrainConfig, train_phi
+    from isearle.phi_training import Selection, save_trained, train_phi
+    from isearle.phrases import load_phrase_bank
+    from isearle.presets import preset
 
     backbone = backbone_from(args)
     ids, features, tokens, concepts, oti = load_runs(args.oti)
-    config = PhiTrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            temperature=args.temperature, lambda_gpt=args.lambda_gpt,
-                            lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
-                            hard_negatives=not args.no_hard_negatives, seed=args.seed)
-    bank = json.loads(args.phrases.read_text()) if args.phrases else None
-    phi, history = train_phi(backbone, features, tokens, config, concepts, bank)
-    path = save_phi(phi, args.out, {"backbone": backbone.name, "pretrained": backbone.pretrained, "oti": oti,
-                                    "train": vars(config), "final_losses": history[-1] if history else {}})
-    print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}; saved {path}")
+    config = preset(args.preset).phi_config(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
+        lambda_gpt=args.lambda_gpt, lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
+        hard_negatives=False if args.no_hard_negatives else None, seed=args.seed, val_every=args.val_every)
+    bank = load_phrase_bank(args.phrases) if args.phrases else None
+    validate = selection = None
+    if config.val_every:
+        validate = phi_validator(backbone, args.val_benchmark, args.val_data, args.val_metric)
+        selection = Selection()
+    phi, history = train_phi(backbone, features, tokens, config, concepts, bank, validate=validate,
+                             selection=selection)
+    extra = {"backbone": backbone.name, "pretrained": backbone.pretrained, "oti": oti, "preset": args.preset,
+             "train": vars(config), "final_losses": history[-1] if history else {},
+             "val": [h["val"] for h in history if "val" in h]}
+    paths = save_trained(phi, args.out, extra, selection)
+    best = f"; best validation {selection.metric:.2f} at epoch {selection.epoch}" if selection and selection.state else ""
+    print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}{best}; "
+          f"saved {', '.join(map(str, paths))}")
     return 0

@@ -44,6 +44,15 @@ MOVE_PHRASES = {
     "center": ("to the center", "to the middle"),
 }
 PREFIXES = ("a photo of ", "a photo of ", "an image of ", "a picture of ", "", "", "a rendering of ")
+#: OTI content templates recorded by the shipped shapes phi (`OTIConfig.templates`): photo-like
+#: prompts close to the grammar's prefixes, measured against SEARLE's 24 on ShapesCIR val (README).
+OTI_TEMPLATES: tuple[str, ...] = (
+    "a photo of $", "a picture of $", "an image of $", "a photo of a $", "a picture of a $",
+    "an image of a $", "a photo of the $", "a picture of the $", "an image of the $",
+    "this is a photo of $", "this is a picture of $", "this is an image of $",
+    "a close-up photo of $", "a good photo of $", "a rendering of $", "a photo showing $",
+    "an image showing $", "a picture showing $", "a snapshot of $", "a depiction of $",
+)
 THING_WORDS = ("shape", "object", "thing")
 
 

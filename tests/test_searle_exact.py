@@ -1,0 +1,272 @@
+"""`--preset searle` against the authors' code (miccunifi/SEARLE src/) as the executable definition.
+
+The reference values below are transcribed from SPEC.md and SEARLE's scripts, never taken from the
+project's constants; the reference OTI and phi steps are written the way src/oti_inversion.py and
+src/train_phi.py write them (global-style `random` draws, `str.replace`, nn.CosineEmbeddingLoss,
+utils.contrastive_loss, encode_with_pseudo_tokens on the first "$"), with the same phrases and seed.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from isearle import phi_training
+from isearle.concepts import TEMPLATES as CONCEPT_TEMPLATES
+from isearle.concepts import ConceptBank
+from isearle.oti import TEMPLATES as OTI_TEMPLATES
+from isearle.oti import OTIObjective, invert, phrase_tasks
+from isearle.phi import Phi
+from isearle.phi_training import PhraseSampler, phi_step, train_phi
+from isearle.presets import PRESETS
+
+# SPEC.md / SEARLE src/utils.py get_templates(): PALAVRA's 24, spelling as in the source.
+SPEC_TEMPLATES = [
+    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
+    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
+    "This sketch contains a {}", "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}",
+    "A diagram of a {}", "A {}", "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image",
+    "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
+    "{} photo", "{} image", "{} illustration",
+]
+# SPEC.md pipeline 3 (OTI) and 4 (phi), SEARLE's argparse defaults where the paper agrees.
+SPEC_OTI = {"steps": 350, "lr": 2e-2, "weight_decay": 0.01, "ema_decay": 0.99, "init_std": 0.02,
+            "lambda_content": 1.0, "lambda_gpt": 0.5, "top_k_concepts": 15, "batch_size": 32,
+            "gamma": 0.0, "max_norm": 0.0}
+SPEC_PHI = {"epochs": 100, "batch_size": 256, "lr": 1e-4, "weight_decay": 0.01, "temperature": 0.25,
+            "lambda_distil": 1.0, "lambda_gpt": 0.75, "top_k_concepts": 150, "dropout": 0.5,
+            "hard_negatives": False, "lambda_reg": 0.0}
+
+BANK = {  # "tree" is filtered out by SEARLE's rule: one of its phrases lost the concept
+    "dog": ["a photo of dog that runs on the grass", "a photo of dog that sleeps", "a photo of dog near a dog"],
+    "cat": ["a photo of cat that is black", "a photo of cat on a sofa"],
+    "car": ["a photo of car that is red and parked"],
+    "tree": ["a photo of tree that has no leaves", "a photo of a plant"],
+    "ball": ["a photo of ball that is round", "a photo of ball on a ball"],
+}
+FILTERED = {k for k, v in BANK.items() for p in v if "$" not in p.replace(k, " $ ", 1)}  # SEARLE's filter
+
+
+# ------------------------------------------------------------------------------ SEARLE, written out
+def searle_encode(backbone, text: torch.Tensor, pseudo_tokens: torch.Tensor) -> torch.Tensor:
+    """encode_with_pseudo_tokens: S* at the first "$" (259) of each row, full 77-token context."""
+    tower = backbone.text
+    x = tower.token_embedding(text)
+    _, counts = torch.unique((text == 259).nonzero(as_tuple=True)[0], return_counts=True)
+    cum_sum = torch.cat((torch.zeros(1).int(), torch.cumsum(counts, dim=0)[:-1]))
+    first = (text == 259).nonzero()[cum_sum][:, 1]
+    x = x.clone()
+    x[torch.arange(x.shape[0]), first] = pseudo_tokens.to(x.dtype)
+    x = x + tower.positional_embedding
+    x = tower.transformer(x, attn_mask=tower.attn_mask)  # open_clip is batch-first: no permutes
+    x = tower.ln_final(x)
+    x = x[torch.arange(x.shape[0]), text.argmax(dim=-1)]
+    proj = tower.text_projection
+    return proj(x) if isinstance(proj, nn.Linear) else x @ proj
+
+
+def searle_contrastive(v1: torch.Tensor, v2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SEARLE src/utils.py contrastive_loss (from PALAVRA)."""
+    v1, v2 = F.normalize(v1, dim=1), F.normalize(v2, dim=1)
+    numerator = torch.exp(torch.diag(torch.inner(v1, v2)) / temperature)
+    numerator = torch.cat((numerator, numerator), 0)
+    joint = torch.cat((v1, v2), 0)
+    pairs = torch.exp(torch.mm(joint, joint.t()) / temperature)
+    denominator = torch.sum(pairs - pairs * torch.eye(joint.shape[0]), 0)
+    return -torch.mean(torch.log(numerator / denominator))
+
+
+def searle_oti(backbone, image_features, name_to_concepts, init, steps, seed, top_k=15):
+    """src/oti_inversion.py's loop for one batch: per step (loss, grad), and the EMA result."""
+    criterion, target = nn.CosineEmbeddingLoss(), torch.as_tensor([1])
+    batch_gpt_phrases, batch_concepts = [], []
+    for similar in name_to_concepts:
+        l_phrases, l_concepts = [], []
+        for w in list(dict.fromkeys(str(w).strip() for w in similar))[:top_k]:
+            if w in FILTERED:
+                continue
+            for p in BANK[w]:
+                l_phrases.append(p)
+                l_concepts.append(w)
+        batch_gpt_phrases.append(l_phrases)
+        batch_concepts.append(l_concepts)
+    rand = random.Random(seed)
+    bs = len(init)
+    v = nn.Parameter(init.clone())
+    ema = v.clone().detach()
+    optimizer = torch.optim.AdamW([v], lr=2e-2, weight_decay=0.01)
+    trace = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        template_indexes = rand.choices(range(len(SPEC_TEMPLATES)), k=bs)
+        template_texts = [SPEC_TEMPLATES[i].format(" $ ") for i in template_indexes]
+        idx = [rand.choice(range(len(batch_gpt_phrases[i]))) for i in range(len(batch_gpt_phrases))]
+        reg = [batch_gpt_phrases[i][j] for i, j in enumerate(idx)]
+        words = [batch_concepts[i][j] for i, j in enumerate(idx)]
+        oti_gpt = [r.replace(w, " $ ", 1) for w, r in zip(words, reg, strict=True)]
+        template_features = searle_encode(backbone, backbone.tokenize(template_texts), v)
+        reg_features = backbone.model.encode_text(backbone.tokenize(reg))
+        oti_gpt_features = searle_encode(backbone, backbone.tokenize(oti_gpt), v)
+        cosine = criterion(template_features, image_features, target)
+        gpt = criterion(oti_gpt_features, reg_features, target)
+        loss = (1 * cosine + 0.5 * gpt) / (1 + 0.5)
+        loss.backward()
+        trace.append((loss.item(), v.grad.clone()))
+        optimizer.step()
+        ema = 0.99 * ema + (1 - 0.99) * v
+    return trace, ema.detach()
+
+
+def searle_phi_loss(backbone, phi, features, oti_tokens, name_to_concepts, rand, top_k=150):
+    """One batch of src/train_phi.py train_one_epoch (fp32, no scaler)."""
+    batch_concepts = [rand.choice(c[:top_k]) for c in name_to_concepts]
+    while sum(c in FILTERED for c in batch_concepts) != 0:
+        batch_concepts = [rand.choice(c[:top_k]) for c in name_to_concepts]
+    estimated = phi(features)
+    distillation = searle_contrastive(oti_tokens, estimated, 0.25)
+    reg = [rand.choice(BANK[c]) for c in batch_concepts]
+    token_phrases = [p.replace(w, " $ ") for w, p in zip(batch_concepts, reg, strict=True)]
+    reg_emb = backbone.model.encode_text(backbone.tokenize(reg))
+    pseudo_emb = searle_encode(backbone, backbone.tokenize(token_phrases), estimated)
+    gpt = nn.CosineEmbeddingLoss()(reg_emb, pseudo_emb, torch.as_tensor([1]))
+    return 1 * distillation + 0.75 * gpt
+
+
+# ----------------------------------------------------------------------------- lists and values
+def test_template_lists_are_searles():
+    assert list(CONCEPT_TEMPLATES) == SPEC_TEMPLATES
+    assert list(OTI_TEMPLATES) == [t.format(" $ ") for t in SPEC_TEMPLATES]
+    assert list(PRESETS["searle"].oti_config().templates) == [t.format(" $ ") for t in SPEC_TEMPLATES]
+
+
+def test_concept_ensembling_pads_the_concept(tiny, monkeypatch):
+    seen: list[str] = []
+    encode = type(tiny).encode_texts
+
+    def spy(self, texts):
+        seen.extend(texts)
+        return encode(self, texts)
+
+    monkeypatch.setattr(type(tiny), "encode_texts", spy)
+    bank = ConceptBank.build(tiny, ["red car", "dog"], progress=False)
+    assert seen == [t.format(f" {c} ") for c in ["red car", "dog"] for t in SPEC_TEMPLATES]
+    by_hand = F.normalize(F.normalize(encode(tiny, [t.format(" dog ") for t in SPEC_TEMPLATES]), dim=-1).mean(0), dim=0)
+    assert torch.allclose(bank.features[1], by_hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_OTI))
+def test_searle_preset_oti_settings(key):
+    assert getattr(PRESETS["searle"].oti_config(), key) == SPEC_OTI[key]
+
+
+@pytest.mark.parametrize("key", sorted(SPEC_PHI))
+def test_searle_preset_phi_settings(key):
+    assert getattr(PRESETS["searle"].phi_config(), key) == SPEC_PHI[key]
+
+
+def test_isearle_preset_adds_noise_hard_negatives_and_penalty_only():
+    searle, isearle = PRESETS["searle"], PRESETS["isearle"]
+    oti_diff = {k for k, v in vars(isearle.oti_config()).items() if vars(searle.oti_config())[k] != v}
+    phi_diff = {k for k, v in vars(isearle.phi_config()).items() if vars(searle.phi_config())[k] != v}
+    assert oti_diff == {"gamma"} and isearle.oti_config().gamma > 0
+    assert phi_diff == {"hard_negatives", "lambda_reg", "reg_form"}
+    assert PRESETS["searle"].oti_config(gamma=0.3).gamma == 0.3  # an explicit option wins
+    assert PRESETS["searle"].oti_config(gamma=None).gamma == 0.0  # an option not given does not
+
+
+# ------------------------------------------------------------------------------- OTI step == SEARLE
+NAME_TO_CONCEPTS = [["dog", "cat", " dog"], ["car", "tree", "ball"], ["tree", "cat"], ["ball", "dog", "car"]]
+
+
+def test_oti_step_equals_searles(tiny):
+    assert tiny.placeholder_id == 259
+    feats = torch.randn(4, tiny.embed_dim, generator=torch.Generator().manual_seed(1))
+    init = torch.randn(4, tiny.token_width, generator=torch.Generator().manual_seed(2)) * 0.02
+    steps, seed = 6, 11
+    trace, ema = searle_oti(tiny, feats, NAME_TO_CONCEPTS, init, steps, seed)
+
+    cfg = PRESETS["searle"].oti_config(steps=steps, seed=seed)
+    objective = OTIObjective(tiny, feats, phrase_tasks(NAME_TO_CONCEPTS, BANK, cfg.top_k_concepts), cfg,
+                             random.Random(seed))
+    v = nn.Parameter(init.clone())
+    optimizer = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for step, (ref_loss, ref_grad) in enumerate(trace):
+        optimizer.zero_grad()
+        loss = objective.loss(step, v)
+        loss.backward()
+        assert abs(loss.item() - ref_loss) <= 1e-5, step
+        assert float((v.grad - ref_grad).abs().max()) <= 1e-5 * max(1.0, float(ref_grad.abs().max())), step
+        optimizer.step()
+    ours = invert(tiny, feats, cfg, phrase_tasks(NAME_TO_CONCEPTS, BANK, cfg.top_k_concepts), init=init)
+    assert float((ours - ema).abs().max()) <= 1e-5
+
+
+# ------------------------------------------------------------------------------- phi step == SEARLE
+PHI_CONCEPTS = [["dog", "cat"], ["car", "ball", "dog"], ["ball"], ["cat", "car"], ["dog", "ball"], ["cat"]]
+
+
+def test_phi_step_equals_searles(tiny):
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(6, tiny.embed_dim, generator=gen)
+    oti_tokens = torch.randn(6, tiny.token_width, generator=gen)
+    torch.manual_seed(0)
+    phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).train()
+    ref_phi = copy.deepcopy(phi)
+    cfg = PRESETS["searle"].phi_config()
+    sampler = PhraseSampler(PHI_CONCEPTS, BANK, cfg.top_k_concepts)
+    ours_rand, ref_rand = random.Random(5), random.Random(5)
+    vocab = tiny.token_embedding.weight.detach()
+    for batch in ([0, 1, 2, 3, 4, 5], [4, 2, 0, 5, 1, 3]):  # two batches: the random streams stay aligned
+        torch.manual_seed(7)  # the same dropout masks
+        losses = phi_step(tiny, phi, feats, oti_tokens, batch, cfg, sampler, ours_rand, {}, vocab)
+        torch.manual_seed(7)
+        ref = searle_phi_loss(tiny, ref_phi, feats[batch], oti_tokens[batch], [PHI_CONCEPTS[i] for i in batch],
+                              ref_rand)
+        assert abs(losses["loss"].item() - ref.item()) <= 1e-5
+        phi.zero_grad()
+        ref_phi.zero_grad()
+        losses["loss"].backward()
+        ref.backward()
+        for (name, p), q in zip(phi.named_parameters(), ref_phi.parameters(), strict=True):
+            assert float((p.grad - q.grad).abs().max()) <= 1e-5 * max(1.0, float(q.grad.abs().max())), name
+
+
+# ----------------------------------------------------------------------------- phi sampling rules
+def test_phi_phrases_draw_a_concept_uniformly_then_a_phrase():
+    """Concept first: "car" (1 phrase) is drawn as often as "dog" (3), not 1 time in 4."""
+    bank = {"dog": BANK["dog"], "car": BANK["car"], "tree": BANK["tree"]}
+    sampler = PhraseSampler([["dog", "car", "tree"]], bank, top_k=150)
+    rand = random.Random(0)
+    counts = Counter(p.split()[3] for _ in range(4000) for p in sampler.draw([0], rand)[1])
+    assert counts["tree"] == 0  # filtered out: redrawn
+    assert 0.45 < counts["car"] / 4000 < 0.55
+
+
+def test_phi_phrases_replace_every_mention_and_skip_images_without_phrases():
+    sampler = PhraseSampler([["ball"], ["tree"]], {"ball": ["a photo of ball on a ball"], "tree": BANK["tree"]}, 150)
+    rows, phrases, pseudo = sampler.draw([0, 1], random.Random(0))
+    assert rows == [0] and phrases == ["a photo of ball on a ball"]
+    assert " ".join(pseudo[0].split()) == "a photo of $ on a $"
+
+
+def test_phi_training_drops_the_last_partial_batch(tiny, monkeypatch):
+    calls: list[int] = []
+    step = phi_training.phi_step
+
+    def counting(*args, **kwargs):
+        calls.append(len(args[4]))
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(phi_training, "phi_step", counting)
+    feats = torch.randn(40, tiny.embed_dim)
+    cfg = PRESETS["searle"].phi_config(epochs=2, batch_size=16)
+    train_phi(tiny, feats, torch.randn(40, tiny.token_width), cfg, progress=False)
+    assert calls == [16, 16, 16, 16]  # 40 = 2 x 16 + 8: the 8 are dropped each epoch
+    with pytest.raises(ValueError, match="batch-size"):
+        train_phi(tiny, feats[:8], torch.randn(8, tiny.token_width), cfg, progress=False)
