@@ -20,15 +20,25 @@ isearle phrases --vocabulary shapes --generator offline --samples 32 --out "$RUN
 for pair in "7000 7001" "7002 7003"; do
   for seed in $pair; do
     OMP_NUM_THREADS=1 isearle oti "${M[@]}" --shapes 2048 --shapes-seed $seed --vocabulary shapes \
-      --batch-size 256 --max-norm 2 --out "$RUN/oti_$seed" &
+      --batch-size 256 --max-norm 2 --templates shapes --out "$RUN/oti_$seed" &
   done
   wait
 done
 isearle train-phi "${M[@]}" --oti "$RUN"/oti_700{0,1,2,3} --reg-norm 2 \
   --out assets/models/isearle-shapes-phi.safetensors
 for m in image text image+text oti phi; do
-  isearle eval "${M[@]}" --benchmark shapes --split test --method "$m" --oti-max-norm 2 \
+  isearle eval "${M[@]}" --benchmark shapes --split test --method "$m" --oti-max-norm 2 --oti-templates shapes \
     --json "$RUN/eval_${m/+/_}.json"
 done
+# --preset searle (README: the offline world): OTI over 2,048 scenes (content loss), its phi, both evaluated
+for seed in 7000 7001; do
+  OMP_NUM_THREADS=1 isearle oti "${M[@]}" --preset searle --shapes 1024 --shapes-seed $seed --vocabulary shapes \
+    --batch-size 256 --out "$RUN/oti_searle_$seed" &
+done
+wait
+isearle train-phi "${M[@]}" --preset searle --oti "$RUN"/oti_searle_700{0,1} --out "$RUN/searle-shapes-phi.safetensors"
+isearle eval "${M[@]}" --benchmark shapes --split test --method oti --preset searle --json "$RUN/eval_oti_searle.json"
+isearle eval "${M[@]}" --benchmark shapes --split test --method phi --phi "$RUN/searle-shapes-phi.safetensors" \
+  --json "$RUN/eval_phi_searle.json"
 python -m isearle.demo build-gallery     # the demo's gallery_index/ from ShapesCIR and the tiny CLIP
 python -m isearle.demo make-examples     # assets/examples.json from the val split

@@ -46,7 +46,9 @@ def app_environment(tmp: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
-    with AppProcess(app_arguments(tmp), app_environment(tmp), log=tmp / "app.log") as proc:
+    arguments = app_arguments(tmp)
+    with AppProcess(arguments, app_environment(tmp), log=tmp / "app.log") as proc:
+        proc.test_arguments = arguments  # what an in-process engine needs to serve the same world
         yield proc
 
 
@@ -215,3 +217,41 @@ def test_twenty_concurrent_queries(app, method, files):
         ties = {h["id"] for h in want if sum(abs(h["score"] - o["score"]) < 1e-5 for o in want) > 1}
         assert [h["id"] for h in hits if h["id"] not in ties] == [h["id"] for h in want if h["id"] not in ties]
         assert {h["id"] for h in hits} == {h["id"] for h in want} or ties
+
+
+# ------------------------------------------------------------------------- retrieval is right
+def test_a_different_caption_gives_different_results(client, method, files):
+    _, _, blue, *_ = search(client, files["colour6"], "is blue instead", k=10, method=method)
+    _, _, star, *_ = search(client, files["colour6"], "has a large red star on the left", k=10, method=method)
+    assert [h["id"] for h in blue] != [h["id"] for h in star]
+    assert [h["score"] for h in blue] != pytest.approx([h["score"] for h in star], abs=1e-3)
+
+
+def test_a_shapescir_example_finds_its_ground_truth_in_the_top_10(client, method, tmp_path):
+    examples = D.load_examples()
+    if not REAL_WORLD or examples is None:
+        pytest.skip("needs the offline world's weights, gallery and examples")
+    ex = examples.references[2]  # the README screenshot's example
+    path = tmp_path / "example.png"
+    D.render_spec(ex.spec, D.REFERENCE_SIZE).save(path)
+    _, status, hits, *_ = search(client, path, ex.caption, k=10, method=method)
+    found = [h["id"] for h in hits if h["id"] in ex.gt_ids]
+    assert found and sum(h["ground_truth"] for h in hits) == len(found)
+    assert f"**{len(found)} of {len(ex.gt_ids)}**" in status
+
+
+def test_the_cached_reference_is_warm_and_answers_as_an_uncached_call(app, client, method, files):
+    import argparse
+
+    ref = files["colour8"]
+    _, first, *_ = search(client, ref, "is green", k=8, method=method)
+    assert "cached" not in first
+    _, status, hits, *_ = search(client, ref, "has a small circle", k=8, method=method)
+    assert "(reference cached)" in status  # S* of this reference was reused
+    parser = argparse.ArgumentParser()
+    D.add_arguments(parser, {})
+    engine = D.DemoEngine.start(parser.parse_args([*app.test_arguments, "--no-warmup"]), warm=False)
+    fresh = engine.search(None, ref, "has a small circle", k=8, method=method, steps=STEPS)
+    assert fresh.cached == ""
+    assert [h["id"] for h in hits] == [it.id for it in fresh.items]
+    assert [h["score"] for h in hits] == pytest.approx([it.score for it in fresh.items], abs=1e-4)

@@ -43,6 +43,9 @@ def test_loss_falls_and_resumes(data, tmp_path) -> None:
     again = train_clip(_model(), data, tok, TrainConfig(**{**config.__dict__, "steps": 32, "resume": True}),
                        progress=False)
     assert again["step"] == 32 and len(again["history"]) >= len(meta["history"])
+    # the two new steps continue from the checkpoint's weights, not from a fresh model
+    resumed = [h["batch_loss"] for h in again["history"] if "batch_loss" in h][-2:]
+    assert max(resumed) < sum(losses[:3]) / 3 - 0.3, (resumed, losses[:3])
 
 
 def test_export_roundtrip_and_zero_shot(tmp_path) -> None:

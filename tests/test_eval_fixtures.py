@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import isearle.backbone
@@ -348,7 +349,24 @@ def test_cli_with_the_fake_backbone_writes_the_hand_values(data, tmp_path, monke
     assert rc == 0
     res = json.loads((tmp_path / "cirr.json").read_text())
     assert (res["R@1"], res["R@5"], res["Rs@1"]) == (25.0, 50.0, 50.0)
+    assert res["meta"]["precision"] == "fp32"  # SEARLE's validate.py: comparable with the papers
     assert "R@1" in capsys.readouterr().out
+    assert cli_main(["eval", "--benchmark", "cirr", "--data", str(root / "CIRR"), "--method", "image", "--precision",
+                     "fp16", "--json", str(tmp_path / "fp16.json"), "--no-cache", "--quiet", "--num-workers", "0"]) == 0
+    assert json.loads((tmp_path / "fp16.json").read_text())["meta"]["precision"] == "fp16"
+
+
+@pytest.mark.parametrize("preset,gamma", [("searle", 0.0), ("isearle", 0.1)])
+def test_eval_oti_follows_the_preset(data, tmp_path, preset, gamma):
+    from isearle.concepts import TEMPLATES
+
+    root, _ = data
+    out = tmp_path / "oti.json"
+    assert cli_main(["eval", "--benchmark", "cirr", "--data", str(root / "CIRR"), "--method", "oti", *TINY,
+                     "--preset", preset, "--oti-steps", "1", "--limit", "1", "--no-cache", "--json", str(out)]) == 0
+    oti = json.loads(out.read_text())["meta"]["oti"]
+    assert (oti["gamma"], oti["max_norm"], oti["steps"]) == (gamma, 0.0, 1)
+    assert oti["templates"] == [t.format(" $ ") for t in TEMPLATES]
 
 
 @pytest.fixture(scope="module")
@@ -437,3 +455,151 @@ def test_train_phi_validates_on_cirr_val_and_keeps_the_best(data, tmp_path, caps
     again = evaluate(tiny, "cirr", "val", "phi", load_phi(out), data=root / "CIRR", cache_dir=None, progress=False)
     assert again["R@1"] == meta["best_val"]  # the metric logged is the saved phi's
     assert "best validation" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------- gallery normalisation, CIRCO recall
+def _scaled(table: dict) -> dict:
+    """The same directions with norms from 0.2 to 5: ranking must not see the norms."""
+    return {k: [x * (0.2 + 4.8 * (int(k[:4], 16) % 97) / 96) for x in v] for k, v in table.items()}
+
+
+@pytest.mark.parametrize("bench,sub,split", [("cirr", "CIRR", None), ("circo", "CIRCO", None),
+                                                 ("fashioniq", "fashionIQ_dataset", None),
+                                                 ("imagenet-r", "imgnet", None), ("shapes", "shapescir", "test")])
+def test_gallery_features_that_are_not_unit_norm_are_normalised(data, bench, sub, split):
+    root, table = data
+    scaled = _scaled(table)
+    norms = [math.hypot(*v) for v in scaled.values()]
+    assert max(norms) > 3 * min(norms)  # the fixture's features really are of many norms
+    unit = evaluate(FakeBackbone(table), bench, split, "image", data=root / sub, cache_dir=None, progress=False)
+    other = evaluate(FakeBackbone(scaled), bench, split, "image", data=root / sub, cache_dir=None, progress=False)
+    flat = lambda r: {f"{k}/{j}": x for k, v in r.items() if k not in ("meta", "submissions")  # noqa: E731
+                      for j, x in (_leaves(v) if isinstance(v, dict) else [("", v)])}
+    assert len(flat(unit)) > 3 and flat(other) == pytest.approx(flat(unit), nan_ok=True)
+
+
+def _leaves(d: dict, prefix: str = "") -> list[tuple[str, float]]:
+    return [kv for k, v in d.items()
+            for kv in (_leaves(v, f"{prefix}{k}/") if isinstance(v, dict) else [(f"{prefix}{k}", v)])]
+
+
+def test_circo_recall_counts_the_annotated_target_only_at_every_k(data, tmp_path):
+    root, table = data
+    circo = tmp_path / "CIRCO"
+    import shutil
+
+    shutil.copytree(root / "CIRCO", circo)
+    val = json.loads((circo / "annotations" / "val.json").read_text())
+    val[0]["target_img_id"] = 11  # ground truths 2, 4, 5, ... rank before it: rank 11
+    (circo / "annotations" / "val.json").write_text(json.dumps(val))
+    out = evaluate(FakeBackbone(table), "circo", None, "image", data=circo, cache_dir=None, progress=False)
+    # target ranks: q0 11, q1 2, q2 10 (any ground truth would give q0 rank 2)
+    assert {k: out[f"R@{k}"] for k in (5, 10, 25, 50)} == pytest.approx({5: 100 / 3, 10: 200 / 3, 25: 100.0, 50: 100.0})
+
+
+# ------------------------------------------- every benchmark x method against a reference written here
+def _reference_queries(tiny, bench, method, feats, tokens):
+    """Query features written from SPEC.md's protocol, independently of `compose_benchmark_queries`."""
+    from isearle.pseudo_word import encode_with_pseudo_tokens
+
+    out = []
+    for q in bench.queries:
+        ref = feats[q.reference]
+        if q.captions:  # FashionIQ: both orders, stripped of ". ?,"
+            c = [x.strip(".?, ") for x in q.captions]
+            texts = [f"{c[0]} and {c[1]}", f"{c[1]} and {c[0]}"]
+        else:
+            texts = [q.caption]
+        total = torch.zeros(tiny.embed_dim)
+        for text in texts:
+            if method == "image":
+                f = F.normalize(ref, dim=-1)
+            elif method in ("text", "image+text"):
+                plain = text or " ".join(q.template.replace("$", " ").split())
+                f = F.normalize(tiny.encode_texts([plain])[0], dim=-1)
+                if method == "image+text":
+                    f = F.normalize(f + F.normalize(ref, dim=-1), dim=-1)
+            else:
+                prompt = q.template if q.template else f"a photo of $ that {text}"
+                f = F.normalize(encode_with_pseudo_tokens(tiny, [prompt], tokens[q.reference][None])[0], dim=-1)
+            total = total + f
+        out.append(F.normalize(total, dim=-1))
+    return torch.stack(out)
+
+
+def _reference_metrics(name, benches, queries_per_bench, gallery_feats):
+    """Stable ranking by cosine to the L2-normalised gallery, then each benchmark's metrics by loops."""
+    exclude = name in ("cirr", "shapes")
+    per = []
+    for bench, queries in zip(benches, queries_per_bench, strict=True):
+        gallery = F.normalize(torch.stack([gallery_feats[g] for g in bench.gallery]), dim=-1)
+        rows = []
+        for q, query in zip(bench.queries, queries, strict=True):
+            sims = gallery @ query
+            order = [bench.gallery[i] for i in torch.argsort(-sims, stable=True).tolist()]
+            if exclude:
+                order = [g for g in order if g != q.reference]
+            rank = {g: i + 1 for i, g in enumerate(order)}
+            gts = list(dict.fromkeys(q.targets))
+            row = {"first": rank.get(gts[0], 10**9) if gts else 10**9, "any": min(rank.get(g, 10**9) for g in gts)
+                   if gts else 10**9}
+            for k in (5, 10, 25, 50):
+                hits = [1 if order[i] in gts else 0 for i in range(min(k, len(order)))]
+                precisions = sum(sum(hits[: i + 1]) / (i + 1) * h for i, h in enumerate(hits))
+                row[f"ap{k}"] = precisions / min(len(gts), k) if gts else 0.0
+                row[f"found{k}"] = sum(hits) / len(gts) if gts else 0.0
+            if q.subset is not None:
+                members = [g for g in order if g in q.subset and g != q.reference]
+                row["subset"] = members.index(gts[0]) + 1
+            rows.append(row)
+        per.append(rows)
+    mean = lambda xs: 100.0 * sum(xs) / len(xs)  # noqa: E731
+    rows = per[0]
+    if name == "cirr":
+        out = {f"R@{k}": mean([r["first"] <= k for r in rows]) for k in (1, 5, 10, 50)}
+        out |= {f"Rs@{k}": mean([r["subset"] <= k for r in rows]) for k in (1, 2, 3)}
+    elif name == "circo":
+        out = {f"mAP@{k}": mean([r[f"ap{k}"] for r in rows]) for k in (5, 10, 25, 50)}
+        out |= {f"R@{k}": mean([r["first"] <= k for r in rows]) for k in (5, 10, 25, 50)}
+    elif name == "shapes":
+        out = {f"R@{k}": mean([r["any"] <= k for r in rows]) for k in (1, 5, 10, 50)}
+        out |= {f"mAP@{k}": mean([r[f"ap{k}"] for r in rows]) for k in (5, 10, 25, 50)}
+    elif name == "fashioniq":
+        out = {f"R@{k}": sum(mean([r["first"] <= k for r in rs]) for rs in per) / len(per) for k in (10, 50)}
+    else:  # imagenet-r: per domain, the fraction of the class's images in that domain found, then the mean
+        doms: dict = {}
+        for q, r in zip(benches[0].queries, rows, strict=True):
+            doms.setdefault(q.groups[0], []).append(r)
+        out = {f"R@{k}": sum(mean([r[f"found{k}"] for r in rs]) for rs in doms.values()) / len(doms) for k in (10, 50)}
+    return out
+
+
+@pytest.mark.parametrize("method", ["image", "text", "image+text", "oti", "phi"])
+@pytest.mark.parametrize("name,sub,split", [("cirr", "CIRR", "val"), ("circo", "CIRCO", "val"),
+                                            ("fashioniq", "fashionIQ_dataset", "val"),
+                                            ("imagenet-r", "imgnet", "val"), ("shapes", "shapescir", "test")])
+def test_every_benchmark_and_method_equals_the_reference(data, tiny, tmp_path, monkeypatch, name, sub, split, method):
+    import isearle.evaluation as E
+    from isearle.phi import Phi
+
+    root, _ = data
+    torch.manual_seed(0)
+    phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).eval()
+    benches = D.load_benchmarks(name, root / sub, split, image_size=tiny.image_size)
+    ids = list(dict.fromkeys(i for b in benches for i in b.image_ids()))
+    images = {k: v for b in benches for k, v in b.images.items()}
+    cache = D.FeatureCache.for_backbone(tmp_path, tiny, "reference")
+    feats = dict(zip(ids, D.extract_features_cached(tiny, ids, images, cache, 8, 0, False), strict=True))
+    gen = torch.Generator().manual_seed(1)
+    tokens = {i: torch.randn(tiny.token_width, generator=gen) for i in ids}  # stand-in OTI tokens
+    if method == "oti":
+        monkeypatch.setattr(E, "oti_tokens", lambda backbone, refs, *a, **k: torch.stack([tokens[r] for r in refs]))
+    if method == "phi":
+        with torch.no_grad():
+            tokens = {i: phi(f[None])[0] for i, f in feats.items()}
+    out = evaluate(tiny, name, split, method, phi if method == "phi" else None, data=root / sub, cache_dir=None,
+                   progress=False)
+    with torch.no_grad():
+        queries = [_reference_queries(tiny, b, method, feats, tokens) for b in benches]
+    expected = _reference_metrics(name, benches, queries, feats)
+    assert {k: out[k] for k in expected} == pytest.approx(expected)

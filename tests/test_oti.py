@@ -316,3 +316,37 @@ def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
     tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
     assert len(scaled) == 3 and scaled[0] == 2.0**16  # every step's loss was scaled before backward
     assert torch.isfinite(tokens).all()
+
+
+def test_the_gpt_loss_weight_is_the_configured_one(tiny):
+    """L(lambda) = (L_content + lambda L_gpt) / (1 + lambda) with the same draws."""
+    feats = _features(4, tiny.embed_dim)
+    tasks = phrase_tasks(IMAGE_CONCEPTS[:4], PHRASE_BANK)
+    v = torch.nn.Parameter(_features(4, tiny.token_width, seed=2) * 0.05)
+
+    def loss(**kw):
+        return OTIObjective(tiny, feats, tasks, OTIConfig(steps=3, gamma=0.0, **kw), random.Random(1)).loss(2, v).item()
+
+    gpt = loss(lambda_content=0.0, lambda_gpt=1.0)
+    content = loss(lambda_gpt=0.5) * 1.5 - 0.5 * gpt
+    assert abs(content - gpt) > 1e-3
+    assert loss(lambda_gpt=2.0) == pytest.approx((content + 2.0 * gpt) / 3.0, abs=1e-6)
+
+
+def test_oti_options_reach_the_run_configuration(tiny, tmp_path):
+    from isearle.cli import main
+    from isearle.shapes.world import OTI_TEMPLATES
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for colour in ("red", "blue"):
+        Image.new("RGB", (32, 32), colour).save(images / f"{colour}.png")
+    out = tmp_path / "run"
+    assert main(["oti", "--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu", "--preset",
+                 "searle", "--images", str(images), "--vocabulary", "imagenet", "--steps", "2", "--batch-size", "1",
+                 "--lr", "0.1", "--gamma", "0.3", "--max-norm", "1.5", "--templates", "shapes", "--seed", "4",
+                 "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in ("steps", "batch_size", "lr", "gamma", "max_norm", "seed")} == {
+        "steps": 2, "batch_size": 1, "lr": 0.1, "gamma": 0.3, "max_norm": 1.5, "seed": 4}
+    assert config["templates"] == list(OTI_TEMPLATES) and config["lambda_gpt"] == 0.0  # no --phrases

@@ -13,6 +13,7 @@ import torch
 import isearle.paths
 import isearle.phi
 from isearle.backbone import WeightsUnavailable
+from isearle.oti import OTIConfig
 from isearle.phi import (
     Phi,
     PhiConfig,
@@ -306,3 +307,60 @@ def test_validation_keeps_the_best_and_the_last_epoch(tiny, tmp_path):
     _, history = train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=2, batch_size=8, val_every=2),
                            validate=lambda phi: next(every_other), progress=False)
     assert "val" not in history[0] and history[1]["val"] == 2.0
+
+
+# ---------------------------------------------------------------- every training option is used
+def test_hard_negative_batches_are_the_ones_trained_on(tiny, monkeypatch):
+    from isearle import phi_training
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, tiny.embed_dim, generator=gen) * 3
+    labels = torch.arange(128) % 4
+    feats = centres[labels] + 0.3 * torch.randn(128, tiny.embed_dim, generator=gen)
+    tokens = torch.randn(128, tiny.token_width, generator=gen)
+    seen: list[list[int]] = []
+    step = phi_training.phi_step
+    monkeypatch.setattr(phi_training, "phi_step", lambda *a, **k: (seen.append(list(a[4])), step(*a, **k))[1])
+
+    def purity(hard: bool) -> float:
+        seen.clear()
+        train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=1, batch_size=16, hard_negatives=hard), progress=False)
+        return float(np.mean([np.bincount(labels[b].numpy()).max() / len(b) for b in seen]))
+
+    assert purity(True) > 0.9 and purity(False) < 0.6
+
+
+@pytest.mark.parametrize("lambda_gpt,lambda_reg", [(0.75, 0.1), (2.0, 0.0), (0.0, 1.5)])
+def test_the_loss_weights_are_the_configured_ones(tiny, lambda_gpt, lambda_reg):
+    feats, tokens = _synthetic(tiny, 16)
+    bank = {"dog": ["a photo of dog that is on the grass"], "cat": ["a photo of cat that is black"]}
+    concepts = [["dog", "cat"]] * 16
+    cfg = PhiTrainConfig(epochs=1, batch_size=8, lambda_gpt=lambda_gpt, lambda_reg=lambda_reg, reg_form="norm")
+    _, history = train_phi(tiny, feats, tokens, cfg, concepts, bank, progress=False)
+    h = history[0]
+    assert h["reg"] > 0 and (h["gpt"] > 0) == (lambda_gpt > 0)
+    assert h["loss"] == pytest.approx(h["distil"] + lambda_gpt * h["gpt"] + lambda_reg * h["reg"], rel=1e-6)
+
+
+def test_train_phi_options_reach_the_configuration(tiny, tmp_path):
+    """Each `isearle train-phi` option lands in the recorded (= used) configuration."""
+    from isearle.cli import main
+    from isearle.oti import invert_dataset
+
+    ids = [f"i{k}" for k in range(8)]
+    feats, tokens = _synthetic(tiny, 8)
+    run = tmp_path / "oti"
+    invert_dataset(tiny, ids, feats, run, OTIConfig(steps=1, batch_size=8), progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"features": feats}, str(run / "features.safetensors"), metadata={"ids": json.dumps(ids)})
+    out = tmp_path / "phi.safetensors"
+    assert main(["train-phi", "--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu",
+                 "--preset", "searle", "--oti", str(run), "--epochs", "2", "--batch-size", "4", "--lr", "0.002",
+                 "--temperature", "0.5", "--lambda-gpt", "0.3", "--lambda-reg", "0.2", "--reg-form", "knn",
+                 "--reg-norm", "1.5", "--seed", "3", "--out", str(out)]) == 0
+    train = json.loads(out.with_suffix(".json").read_text())["train"]
+    assert {k: train[k] for k in ("epochs", "batch_size", "lr", "temperature", "lambda_gpt", "lambda_reg",
+                                  "reg_form", "reg_norm", "seed", "hard_negatives")} == {
+        "epochs": 2, "batch_size": 4, "lr": 0.002, "temperature": 0.5, "lambda_gpt": 0.3, "lambda_reg": 0.2,
+        "reg_form": "knn", "reg_norm": 1.5, "seed": 3, "hard_negatives": False}
