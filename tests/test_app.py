@@ -240,10 +240,11 @@ def test_a_shapescir_example_finds_its_ground_truth_in_the_top_10(client, method
     assert f"**{len(found)} of {len(ex.gt_ids)}**" in status
 
 
-def test_the_cached_reference_is_warm_and_answers_as_an_uncached_call(app, client, method, files):
+def test_the_cached_reference_is_warm_and_answers_as_an_uncached_call(app, client, method, tmp_path):
     import argparse
 
-    ref = files["colour8"]
+    ref = tmp_path / "fresh.png"  # pixels no other test sends
+    Image.new("RGB", (64, 64), (123, 45, 210)).save(ref)
     _, first, *_ = search(client, ref, "is green", k=8, method=method)
     assert "cached" not in first
     _, status, hits, *_ = search(client, ref, "has a small circle", k=8, method=method)
