@@ -3,7 +3,7 @@ OTI and phi each beat every baseline (image only, text only, image+text) on R@1 
 SEARLE does on CIRR, CIRCO and FashionIQ (README settings: OTI 350 steps, gamma 0.1, norm cap 2, the shapes
 world's templates: the OTI settings recorded by the committed phi).
 Measured on this slice (R@1 / mAP@10): image 5.62 / 15.76, text 0.0 / 0.43, image+text 36.25 / 46.88,
-phi 48.12 / 57.38, OTI 50.0 / 57.48; 160 queries rather than 100 keep the leads over image+text
+phi 48.12 / 57.38, OTI 51.25 / 57.73; 160 queries rather than 100 keep the leads over image+text
 at several queries (with the 4,096-token phi, 100 queries left phi's R@1 lead at 3)."""
 
 from __future__ import annotations
