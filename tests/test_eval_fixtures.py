@@ -603,3 +603,9 @@ def test_every_benchmark_and_method_equals_the_reference(data, tiny, tmp_path, m
         queries = [_reference_queries(tiny, b, method, feats, tokens) for b in benches]
     expected = _reference_metrics(name, benches, queries, feats)
     assert {k: out[k] for k in expected} == pytest.approx(expected)
+    for bench, want in zip(benches, queries, strict=True):  # the query features themselves, not only the ranks
+        refs = list(dict.fromkeys(q.reference for q in bench.queries))
+        got = E.compose_benchmark_queries(
+            tiny, bench, method, torch.stack([feats[r] for r in refs]), {r: j for j, r in enumerate(refs)},
+            phi=phi, pseudo_tokens=torch.stack([tokens[r] for r in refs]), progress=False)
+        assert float((got - want).abs().max()) <= 1e-5
