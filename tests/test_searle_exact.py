@@ -147,16 +147,16 @@ def test_template_lists_are_searles():
 
 def test_concept_ensembling_pads_the_concept(tiny, monkeypatch):
     seen: list[str] = []
-    encode = type(tiny).encode_texts
+    encode = tiny.encode_texts
 
-    def spy(self, texts):
+    def spy(texts):
         seen.extend(texts)
-        return encode(self, texts)
+        return encode(texts)
 
-    monkeypatch.setattr(type(tiny), "encode_texts", spy)
+    monkeypatch.setattr(tiny, "encode_texts", spy)
     bank = ConceptBank.build(tiny, ["red car", "dog"], progress=False)
     assert seen == [t.format(f" {c} ") for c in ["red car", "dog"] for t in SPEC_TEMPLATES]
-    by_hand = F.normalize(F.normalize(encode(tiny, [t.format(" dog ") for t in SPEC_TEMPLATES]), dim=-1).mean(0), dim=0)
+    by_hand = F.normalize(F.normalize(encode([t.format(" dog ") for t in SPEC_TEMPLATES]), dim=-1).mean(0), dim=0)
     assert torch.allclose(bank.features[1], by_hand, atol=1e-6)
 
 
