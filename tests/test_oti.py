@@ -335,7 +335,7 @@ def test_the_gpt_loss_weight_is_the_configured_one(tiny):
 
 def test_oti_options_reach_the_run_configuration(tiny, tmp_path):
     from isearle.cli import main
-    from isearle.shapes.world import OTI_TEMPLATES
+    from isearle.shapes.captions import OTI_TEMPLATES
 
     images = tmp_path / "images"
     images.mkdir()
