@@ -178,8 +178,8 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
                     steps = gr.Slider(10, 600, value=args.oti_steps, step=10, label="OTI steps", elem_id="oti-steps")
                     top_k = gr.Slider(1, 50, value=10, step=1, label="Top K")
             with gr.Column(scale=5):
-                status = gr.Markdown("Pick an example above or upload a reference image.", label="status",
-                                     elem_id="status")
+                status = gr.Markdown(" · ".join([*engine.notices, "Pick an example above or upload a reference image."]),
+                                     label="status", elem_id="status")
                 results = gr.Gallery(label="Results · click one to use it as the reference", columns=5,
                                      height="auto", allow_preview=False, object_fit="contain",
                                      elem_id="results", elem_classes=["isearle-results"])

@@ -265,9 +265,20 @@ def write_group(directory: str | Path, writers: Mapping[str, Callable[[Path], No
         _fsync_file(new)
         files[name] = file_record(new)
     data = {**header, "files": files}
-    write_json(directory / f"{manifest}.pending", data)
-    recover_group(directory, manifest)
+    write_json(directory / f"{manifest}.pending", data)  # the commit point
+    _finish_group(directory, manifest, list(files))
     return data
+
+
+def _finish_group(directory: Path, manifest: str, names: Iterable[str]) -> None:
+    """Rename a committed group's files into place, the manifest last."""
+    for name in names:
+        new = directory / f"{name}.new"
+        if new.is_file():
+            os.replace(new, directory / name)
+    fsync_dir(directory)
+    os.replace(directory / f"{manifest}.pending", directory / manifest)
+    fsync_dir(directory)
 
 
 def recover_group(directory: str | Path, manifest: str, names: Iterable[str] = ()) -> None:
@@ -277,18 +288,12 @@ def recover_group(directory: str | Path, manifest: str, names: Iterable[str] = (
     pending = directory / f"{manifest}.pending"
     if pending.is_file():
         try:
-            names = list(json.loads(pending.read_text(encoding="utf-8")).get("files", {}))
-        except (OSError, ValueError):
-            names = None  # cannot happen for a file written by write_json; drop it
-        if names is not None:
-            for name in names:
-                new = directory / f"{name}.new"
-                if new.is_file():
-                    os.replace(new, directory / name)
-            fsync_dir(directory)
-            os.replace(pending, directory / manifest)
-            fsync_dir(directory)
-            log.info("%s: finished an interrupted write", display(directory))
+            committed = list(json.loads(pending.read_text(encoding="utf-8")).get("files", {}))
+        except (OSError, ValueError, AttributeError):
+            committed = None  # cannot happen for a file written by write_json; drop it
+        if committed is not None:
+            _finish_group(directory, manifest, committed)
+            log.warning("%s: finished a write that was interrupted", display(directory))
             return
         pending.unlink(missing_ok=True)
     for name in names:

@@ -25,10 +25,11 @@ import numpy as np
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from isearle.artifacts import atomic_path, load_tensors, write_json
 from isearle.backbone import (
     Backbone,
     build_preprocess,
@@ -36,6 +37,7 @@ from isearle.backbone import (
     register_model_configs,
 )
 from isearle.paths import ASSETS_DIR, REPO_DIR
+from isearle.resume import load_state, save_state
 from isearle.runtime import set_threads
 
 MODEL_NAME = "isearle-shapes"
@@ -191,43 +193,47 @@ def lr_at(progress: float, step: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any]) -> None:
-    """Model + optimizer state (tensors and plain numbers only) and JSON metadata, atomically."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "meta": json.dumps(meta)}, tmp)
-    tmp.replace(path)
+#: What a training state belongs to: any run of the same model in the same folder (`--resume`).
+def _job(config: TrainConfig) -> dict[str, Any]:
+    return {"what": "train-clip", "model": config.model}
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    return json.loads(state["meta"])
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
+                    config: TrainConfig) -> None:
+    """Model, optimizer and RNG states with the run's metadata: one verified file, written atomically."""
+    save_state(path, _job(config), int(meta["step"]), model, optimizer, extra=meta)
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    config: TrainConfig) -> dict[str, Any] | None:
+    """The metadata of a saved run, its states restored into `model` and `optimizer` (None: start over)."""
+    resumed = load_state(path, _job(config), model, optimizer)
+    return None if resumed is None else resumed[1]
 
 
 def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: TrainConfig,
                progress: bool = True, eval_fn=None) -> dict[str, Any]:
-    """Contrastive training of `model` on `dataset` (image tensor, caption); resumable from out_dir/last.pt.
+    """Contrastive training of `model` on `dataset` (image tensor, caption); resumable from out_dir/last.safetensors.
 
     Returns the run's metadata: steps done, minutes, final loss, history of (step, loss, lr, eval).
     """
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "last.pt"
+    ckpt = out / "last.safetensors"
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
                                   betas=(0.9, 0.98), eps=1e-6)
     loss_fn = ClipLoss()
     text_backbone = backbone_from_model(model, config.model)  # the text path of the query (exact, shorter)
     meta: dict[str, Any] = {"step": 0, "minutes": 0.0, "history": [], "config": asdict(config)}
-    if config.resume and ckpt.is_file():
-        meta = load_checkpoint(ckpt, model, optimizer)
+    resumed = load_checkpoint(ckpt, model, optimizer, config) if config.resume else None
+    if resumed is not None:
+        meta = resumed
         log.info("resumed from %s at step %d (%.1f min)", ckpt, meta["step"], meta["minutes"])
     model.train()
     start_step, start_min, t0 = meta["step"], meta["minutes"], time.time()
     bar = tqdm(total=config.steps, initial=start_step, desc="train-clip", disable=not progress,
                mininterval=5, dynamic_ncols=False)
-    step, smooth = start_step, None
+    step, smooth = start_step, meta.get("smooth")
     while step < config.steps:
         minutes = start_min + (time.time() - t0) / 60
         prog = step / config.steps
@@ -259,7 +265,7 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         smooth = loss.item() if smooth is None else 0.95 * smooth + 0.05 * loss.item()
         bar.update(1)
         bar.set_postfix(loss=f"{smooth:.3f}", lr=f"{lr:.2e}", min=f"{minutes:.1f}", refresh=False)
-        meta["step"], meta["minutes"] = step, start_min + (time.time() - t0) / 60
+        meta["step"], meta["minutes"], meta["smooth"] = step, start_min + (time.time() - t0) / 60, smooth
         if step % config.log_every == 0:
             meta["history"].append({"step": step, "loss": round(smooth, 4), "batch_loss": round(loss.item(), 4),
                                     "lr": lr, "minutes": round(meta["minutes"], 2)})
@@ -270,10 +276,10 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
             meta["history"].append({"step": step, "eval": r})
             log.info("step %d: %s", step, r)
         if step % config.checkpoint_every == 0 or step >= config.steps:
-            save_checkpoint(ckpt, model, optimizer, meta)
+            save_checkpoint(ckpt, model, optimizer, meta, config)
     bar.close()
     meta["final_loss"] = smooth
-    save_checkpoint(ckpt, model, optimizer, meta)
+    save_checkpoint(ckpt, model, optimizer, meta, config)
     model.eval()
     return meta
 
@@ -326,14 +332,16 @@ def export_weights(model: torch.nn.Module, path: str | Path = EXPORT_PATH, stats
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to(torch.float16).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt", "model": MODEL_NAME})
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "model": MODEL_NAME})
     if stats is not None:
-        path.with_suffix(".json").write_text(json.dumps(stats, indent=2))
+        write_json(path.with_suffix(".json"), stats, indent=2)
     return path
 
 
 def load_exported(model: torch.nn.Module, path: str | Path = EXPORT_PATH) -> torch.nn.Module:
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    tensors, _ = load_tensors(path, "clip-weights", "export it again with `isearle train-clip`")
+    state = {k: v.float() for k, v in tensors.items()}
     model.load_state_dict(state)
     return model
 

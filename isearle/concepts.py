@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 import urllib.request
 from collections.abc import Sequence
@@ -17,12 +18,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from isearle import paths
+from isearle.artifacts import ArtifactError, display, load_tensors, save_tensors, write_bytes
 from isearle.backbone import Backbone, WeightsUnavailable
 from isearle.runtime import hub_offline
+
+log = logging.getLogger(__name__)
 
 #: PALAVRA's 24 prompt templates, as SEARLE lists them (src/utils.py `get_templates`, spelling kept):
 #: concept ensembling formats each with the concept padded by spaces, OTI's content loss with " $ ".
@@ -78,7 +81,7 @@ def _openimages() -> list[str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             with urllib.request.urlopen(OPENIMAGES_URL, timeout=30) as response:
-                path.write_bytes(response.read())
+                write_bytes(path, response.read())
         except OSError as err:
             raise WeightsUnavailable(f"could not download the Open Images class names: {err}") from err
     rows = csv.DictReader(io.StringIO(path.read_text(encoding="utf-8")))
@@ -114,23 +117,36 @@ class ConceptBank:
         _, idx = self.topk(image_features, k)
         return [[self.names[i] for i in row] for row in idx.tolist()]
 
-    def save(self, path: str | Path) -> None:
-        save_file({"features": self.features.contiguous()}, str(path), metadata={"names": json.dumps(self.names)})
+    def save(self, path: str | Path, backbone: Backbone | None = None) -> None:
+        """The bank as a verified safetensors file (atomic), recording the backbone it was built with."""
+        meta = {"names": json.dumps(self.names)}
+        if backbone is not None:
+            meta["backbone"] = json.dumps([backbone.name, str(backbone.pretrained)])
+        save_tensors(path, {"features": self.features}, "concept-bank", meta)
 
     @classmethod
-    def load(cls, path: str | Path) -> ConceptBank:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            names = json.loads(f.metadata()["names"])
-        return cls(names, load_file(str(path))["features"])
+    def load(cls, path: str | Path, backbone: Backbone | None = None) -> ConceptBank:
+        """A saved bank (ArtifactError when damaged, or built with another backbone than `backbone`)."""
+        remedy = "delete it: the bank is rebuilt when next needed"
+        tensors, meta = load_tensors(path, "concept-bank", remedy)
+        try:
+            names, features = json.loads(meta["names"]), tensors["features"]
+            bank = cls(names, features)
+        except (KeyError, ValueError):
+            raise ArtifactError(path, "is not a concept bank", remedy) from None
+        if backbone is not None:
+            made = json.loads(meta.get("backbone", "null"))
+            if features.shape[1] != backbone.embed_dim or made not in (None, [backbone.name, str(backbone.pretrained)]):
+                raise ArtifactError(path, f"was built for another backbone ({made or features.shape[1]})", remedy)
+        return bank
 
 
 def concept_bank(backbone: Backbone, source: str, cache_dir: str | Path | None = None,
                  progress: bool = True, cache: bool = True) -> ConceptBank:
     """The bank of `source` for `backbone`, built once and cached on disk (unless not `cache`, e.g.
-    random-init weights). The cache key holds the weights' id (`weights.weights_fingerprint`: a local file's
-    digest), so a retrained model never meets the bank of its predecessor."""
+    random-init weights); a damaged cache is rebuilt. The cache key holds the weights' id
+    (`weights.weights_fingerprint`: a local file's digest), so a retrained model never meets the
+    bank of its predecessor."""
     if not cache:
         return ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
     from isearle.weights import weights_fingerprint
@@ -138,9 +154,11 @@ def concept_bank(backbone: Backbone, source: str, cache_dir: str | Path | None =
     key = f"{backbone.name}_{weights_fingerprint(backbone.pretrained)}_{Path(source).stem}"
     key = re.sub(r"[^A-Za-z0-9._-]+", "-", key)
     path = Path(cache_dir or paths.CACHE_DIR / "concepts") / f"{key}.safetensors"
-    if path.is_file():
-        return ConceptBank.load(path)
+    if path.exists():
+        try:
+            return ConceptBank.load(path, backbone)
+        except ArtifactError as err:
+            log.warning("%s %s: rebuilding it", display(path), err.problem)
     bank = ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bank.save(path)
+    bank.save(path, backbone)
     return bank

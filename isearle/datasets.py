@@ -28,16 +28,18 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 
+from isearle.artifacts import ArtifactError, display, load_tensors, save_tensors
 from isearle.images import ImageSource, embed_images
+
+log = logging.getLogger(__name__)
 
 FASHIONIQ_CATEGORIES: tuple[str, ...] = ("dress", "shirt", "toptee")
 DOMAINS: tuple[str, ...] = ("cartoon", "origami", "toy", "sculpture")
@@ -364,9 +366,16 @@ class FeatureCache:
         if self.dir is None or not self.dir.is_dir():
             return
         for shard in sorted(self.dir.glob("shard_*.safetensors")):
-            with safe_open(str(shard), "pt") as f:
-                ids = json.loads(f.metadata()["ids"])
-                feats = f.get_tensor("features")
+            try:
+                tensors, meta = load_tensors(shard, "features", "")
+                ids, feats = json.loads(meta["ids"]), tensors["features"]
+                if feats.ndim != 2 or len(ids) != feats.shape[0] or (self._rows and feats.shape[1] != self._rows[0].shape[1]):
+                    raise ArtifactError(shard, "does not match the other shards", "")
+            except (ArtifactError, KeyError, ValueError) as err:
+                log.warning("%s %s: dropped, its images are encoded again", display(shard),
+                            getattr(err, "problem", "is unreadable"))
+                shard.unlink(missing_ok=True)
+                continue
             self._store(ids, feats)
 
     def _store(self, ids: Sequence[str], feats: torch.Tensor) -> None:
@@ -406,12 +415,10 @@ class FeatureCache:
         self._store(list(ids), features)
         if self.dir is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            n = len(list(self.dir.glob("shard_*.safetensors")))
-            path = self.dir / f"shard_{n:06d}.safetensors"
-            tmp = path.with_suffix(".tmp")
-            save_file({"features": features.float().cpu().contiguous()}, str(tmp),
-                      metadata={"ids": json.dumps(list(ids))})
-            tmp.rename(path)
+            n = max((int(p.stem[6:]) for p in self.dir.glob("shard_*.safetensors") if p.stem[6:].isdigit()),
+                    default=-1) + 1
+            save_tensors(self.dir / f"shard_{n:06d}.safetensors", {"features": features.float()}, "features",
+                         {"ids": json.dumps(list(ids))})
 
 
 def extract_features_cached(backbone: object, ids: Sequence[str], sources: dict[str, ImageSource],

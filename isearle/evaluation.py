@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isearle import metrics as M
+from isearle.artifacts import write_text
 from isearle.datasets import (
     BENCHMARKS,
     DOMAINS,
@@ -256,20 +257,20 @@ def write_submissions(name: str, split: str, method: str, parts: Sequence[tuple[
         rec = {"version": "rc2", "metric": "recall"}
         rec.update({q.id: top[:SUBMISSION_TOP] for q, top in zip(b.queries, r.top, strict=True)})
         path = out / f"{stem}_recall.json"
-        path.write_text(json.dumps(rec, sort_keys=True))
+        write_text(path, json.dumps(rec, sort_keys=True))
         written.append(str(path))
         if r.subset_top is not None:
             sub = {"version": "rc2", "metric": "recall_subset"}
             sub.update({q.id: top[:3] for q, top in zip(b.queries, r.subset_top, strict=True)})
             path = out / f"{stem}_recall_subset.json"
-            path.write_text(json.dumps(sub, sort_keys=True))
+            write_text(path, json.dumps(sub, sort_keys=True))
             written.append(str(path))
     elif name in ("circo", "shapes"):
         b, r = parts[0]
         conv = _circo_id if name == "circo" else str
         sub = {q.id: [conv(x) for x in top[:SUBMISSION_TOP]] for q, top in zip(b.queries, r.top, strict=True)}
         path = out / f"{stem}.json"
-        path.write_text(json.dumps(sub))
+        write_text(path, json.dumps(sub))
         written.append(str(path))
     return written
 
@@ -456,8 +457,10 @@ def default_backbone(benchmark: str, phi: str | None, model: str | None,
     if model is None:
         if phi in OFFICIAL:
             model = OFFICIAL[phi][1]
-        elif phi and Path(phi).with_suffix(".json").is_file():
-            info = json.loads(Path(phi).with_suffix(".json").read_text())
+        elif phi and Path(phi).suffix == ".safetensors" and Path(phi).is_file():
+            from isearle.phi import phi_settings
+
+            info = phi_settings(phi)
             model, pretrained = info.get("backbone", "ViT-B-32"), pretrained or info.get("pretrained")
         else:
             model = "isearle-shapes" if benchmark == "shapes" else "ViT-B-32"

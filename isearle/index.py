@@ -389,6 +389,15 @@ class GalleryIndex:
         return index
 
 
+def gallery_problem(directory: str | Path) -> ArtifactError | None:
+    """What is wrong with the saved gallery in `directory` (None: it opens and verifies)."""
+    try:
+        GalleryIndex.load(directory)
+    except ArtifactError as err:
+        return err
+    return None
+
+
 def rebuild_hint(directory: str | Path, info: Mapping[str, Any] | None = None) -> str:
     """What to do about a damaged gallery: the offline world's is rebuilt by the demo helper."""
     if (info or {}).get("benchmark") == "shapescir" or Path(directory).resolve() == OFFLINE_GALLERY.resolve():

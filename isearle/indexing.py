@@ -101,6 +101,8 @@ def build_gallery_index(
                                      "batch_size": batch_size, "thumbs": writer is not None,
                                      "ids": [i for i, _, _ in items]})
     todo = [b for b in range(len(batches)) if done is None or not done.has(b)]
+    if len(todo) < len(batches):
+        log.info("resuming: %d of %d batches already embedded", len(batches) - len(todo), len(batches))
     skipped: list[str] = list(index.info.get("skipped", []))
 
     def add(rows: list[int], feats: torch.Tensor, bad: list[tuple[int, str]]) -> None:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from isearle.artifacts import atomic_path
 from isearle.backbone import Backbone
 from isearle.concepts import ConceptBank
 from isearle.oti import OTIConfig, token_norm
@@ -316,9 +317,9 @@ def token_digest(token: torch.Tensor) -> str:
 def save_token(path: str | Path, token: torch.Tensor, metadata: dict[str, Any]) -> Path:
     """S* as safetensors ("pseudo_word" [width]) with its metadata as JSON strings."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"format": TOKEN_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    save_file({"pseudo_word": token.detach().float().cpu().contiguous()}, str(path), metadata=meta)
+    with atomic_path(path) as tmp:  # a crash never leaves half a file
+        save_file({"pseudo_word": token.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
     return path
 
 

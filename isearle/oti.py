@@ -14,6 +14,7 @@ runs only up to the longest end-of-text token (see `pseudo_word`).
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,12 +24,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from isearle.artifacts import ArtifactError, display, load_tensors, read_json, save_tensors, write_json
 from isearle.backbone import Backbone
 from isearle.concepts import TEMPLATES as CONCEPT_TEMPLATES
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
+
+log = logging.getLogger(__name__)
 
 #: Content-loss templates: SEARLE's OTI draws one of PALAVRA's 24 per image and step, formatted
 #: with " $ " (src/oti_inversion.py); the same list as concept ensembling.
@@ -297,38 +300,85 @@ def invert_dataset(
     """
     config = config or OTIConfig()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps({**asdict(config), "backbone": backbone.name,
-                                                 "pretrained": backbone.pretrained}, indent=1))
+    write_run_config(out, config, backbone)
     bs = config.batch_size
     n_batches = (len(ids) + bs - 1) // bs
-    for b in tqdm(range(n_batches), desc="OTI batches", disable=not progress):
-        shard = out / f"shard_{b:06d}.safetensors"
-        if shard.exists():
-            continue
+    todo = [b for b in range(n_batches) if not shard_done(out, b, ids[b * bs : (b + 1) * bs])]
+    if len(todo) < n_batches:
+        log.info("resuming: %d of %d batches already inverted", n_batches - len(todo), n_batches)
+    for b in tqdm(todo, desc="OTI batches", disable=not progress):
         sl = slice(b * bs, (b + 1) * bs)
         cfg = OTIConfig(**{**asdict(config), "seed": config.seed + b})
         hist: list[float] = []
         tokens = invert(backbone, image_features[sl], cfg, None if tasks is None else tasks[sl],
                         None if init is None else init[sl], history=hist)
-        tmp = shard.with_suffix(".tmp")
-        save_file({"tokens": tokens.cpu().contiguous()}, str(tmp), metadata={"ids": json.dumps(list(ids[sl]))})
-        tmp.rename(shard)
+        save_shard(out, b, ids[sl], tokens)
         if on_batch is not None:
             on_batch(b, hist[-1] if hist else float("nan"))
     return load_tokens(out)
 
 
+def _remedy(out: Path) -> str:
+    return f"run `isearle oti --out {display(out)}` again (it redoes what is missing or damaged)"
+
+
+def write_run_config(out: Path, config: OTIConfig, backbone: Backbone) -> None:
+    """Record a run's settings in out/config.json; a folder holding a run with other settings or
+    another backbone is refused (its shards would mix two kinds of token)."""
+    data = json.loads(json.dumps({**asdict(config), "backbone": backbone.name, "pretrained": backbone.pretrained}))
+    path = out / "config.json"
+    if path.is_file():
+        try:
+            old = read_json(path, "")
+        except ArtifactError:
+            old = None  # unreadable: the shards' own checks decide what is kept
+        if isinstance(old, dict):
+            diff = sorted(k for k in data if k != "batch_size" and k in old and old[k] != data[k])
+            if diff:
+                raise ArtifactError(out, f"holds an OTI run with other settings ({', '.join(diff)} differ)",
+                                    "use a new --out folder, or the settings of that run")
+            if old.get("batch_size", data["batch_size"]) != data["batch_size"] and any(out.glob("shard_*")):
+                raise ArtifactError(out, f"holds an OTI run in batches of {old['batch_size']}",
+                                    f"resume it with --batch-size {old['batch_size']}, or use a new --out folder")
+    write_json(path, data, indent=1)
+
+
+def shard_path(out: Path, b: int) -> Path:
+    return out / f"shard_{b:06d}.safetensors"
+
+
+def save_shard(out: Path, b: int, ids: Sequence[str], tokens: torch.Tensor) -> None:
+    """Batch b's tokens and ids, written atomically and with a checksum."""
+    save_tensors(shard_path(out, b), {"tokens": tokens.float().cpu()}, "oti-shard", {"ids": json.dumps(list(ids))})
+
+
+def shard_done(out: Path, b: int, ids: Sequence[str]) -> bool:
+    """Whether batch b is finished: its shard is intact and holds `ids` (else it is redone)."""
+    path = shard_path(out, b)
+    if not path.exists():
+        return False
+    try:
+        _, meta = load_tensors(path, "oti-shard", "")
+        if json.loads(meta["ids"]) == list(ids):
+            return True
+        problem = "holds other images"
+    except (ArtifactError, KeyError, ValueError) as err:
+        problem = getattr(err, "problem", "is damaged")
+    log.warning("%s %s: redoing batch %d", display(path), problem, b)
+    return False
+
+
 def load_tokens(out_dir: str | Path) -> tuple[list[str], torch.Tensor]:
     """Merge the shards written by `invert_dataset`: (ids, tokens [N, width])."""
-    from safetensors import safe_open
-
+    out = Path(out_dir)
     ids: list[str] = []
     tokens = []
-    for shard in sorted(Path(out_dir).glob("shard_*.safetensors")):
-        with safe_open(str(shard), "pt") as f:
-            ids += json.loads(f.metadata()["ids"])
-        tokens.append(load_file(str(shard))["tokens"])
+    for shard in sorted(out.glob("shard_*.safetensors")):
+        tensors, meta = load_tensors(shard, "oti-shard", _remedy(out))
+        if "ids" not in meta or "tokens" not in tensors:
+            raise ArtifactError(shard, "is not an OTI shard", _remedy(out))
+        ids += json.loads(meta["ids"])
+        tokens.append(tensors["tokens"])
     if not tokens:
         raise FileNotFoundError(f"no OTI shards in {out_dir}: run `isearle oti` first")
     return ids, torch.cat(tokens)
@@ -351,24 +401,26 @@ def prepare_run(
     run over the same images is being resumed) and concepts.json (the top `store_top_k` concept
     names per image, what phi training reads next). Shared by the local and the Ray paths.
     """
-    from safetensors import safe_open
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     feat_path = out / "features.safetensors"
-    if feat_path.is_file():  # resuming: the stored features must be of the same images
-        with safe_open(str(feat_path), "pt") as f:
-            stored = json.loads(f.metadata()["ids"])
-        if stored != list(ids):
-            raise ValueError(f"{out} holds an OTI run over other images: use a new --out folder")
-        features = load_file(str(feat_path))["features"]
-    else:
+    features = None
+    if feat_path.exists():  # resuming: the stored features must be of the same images
+        try:
+            tensors, meta = load_tensors(feat_path, "oti-features", "")
+            stored, features = json.loads(meta["ids"]), tensors["features"]
+        except (ArtifactError, KeyError, ValueError) as err:
+            log.warning("%s %s: extracting the features again", display(feat_path), getattr(err, "problem", "is damaged"))
+        else:
+            if stored != list(ids):
+                raise ArtifactError(out, "holds an OTI run over other images", "use a new --out folder")
+    if features is None:
         features = extract()
-        save_file({"features": features.contiguous()}, str(feat_path), metadata={"ids": json.dumps(list(ids))})
+        save_tensors(feat_path, {"features": features}, "oti-features", {"ids": json.dumps(list(ids))})
     tasks = None
     if concepts is not None:
         names = concepts.top_names(features, store_top_k)
-        (out / "concepts.json").write_text(json.dumps(dict(zip(ids, names, strict=True))))
+        write_json(out / "concepts.json", dict(zip(ids, names, strict=True)))
         if phrase_bank is not None:
             tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
     init = None
@@ -403,19 +455,24 @@ def invert_images(
 
 def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[list[str]] | None]:
     """(ids, image features, OTI tokens, top concepts per image or None) of an `isearle oti` run."""
-    from safetensors import safe_open
-
     out = Path(out_dir)
-    with safe_open(str(out / "features.safetensors"), "pt") as f:
-        feat_ids = json.loads(f.metadata()["ids"])
-    features = load_file(str(out / "features.safetensors"))["features"]
+    if not out.is_dir():
+        raise FileNotFoundError(f"no OTI run in {out}: run `isearle oti --out {out}` first")
+    tensors, meta = load_tensors(out / "features.safetensors", "oti-features", _remedy(out))
+    feat_ids, features = json.loads(meta["ids"]), tensors["features"]
     ids, tokens = load_tokens(out)
     row = {i: r for r, i in enumerate(feat_ids)}
+    missing = [i for i in ids if i not in row]
+    if missing:
+        raise ArtifactError(out / "features.safetensors", f"lacks the features of {len(missing)} inverted images",
+                            "run OTI again in a new --out folder")
     features = features[[row[i] for i in ids]]
     concept_file = out / "concepts.json"
     concepts = None
     if concept_file.is_file():
-        table = json.loads(concept_file.read_text())
+        table = read_json(concept_file, _remedy(out))
+        if not isinstance(table, dict) or any(i not in table for i in ids):
+            raise ArtifactError(concept_file, "does not list the concepts of every image", _remedy(out))
         concepts = [table[i] for i in ids]
     return ids, features, tokens, concepts
 
@@ -424,17 +481,22 @@ def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor
 TARGET_SETTINGS = ("steps", "gamma", "max_norm", "lambda_gpt", "templates")
 
 
-def load_runs(out_dirs: Sequence[str | Path]) -> tuple[list[str], torch.Tensor, torch.Tensor,
-                                                          list[list[str]] | None, dict[str, Any]]:
+def load_runs(out_dirs: Sequence[str | Path], backbone: Backbone | None = None
+              ) -> tuple[list[str], torch.Tensor, torch.Tensor, list[list[str]] | None, dict[str, Any]]:
     """`load_run` of several runs, concatenated, and the OTI settings they share (`TARGET_SETTINGS`).
 
-    Runs made with different settings are refused: phi would be distilled from two kinds of token.
+    Runs made with different settings are refused: phi would be distilled from two kinds of token;
+    so are runs made with another backbone than `backbone` (when given).
     """
     runs, settings = [], None
     for out in map(Path, out_dirs):
         runs.append(load_run(out))
         config = out / "config.json"
-        own = json.loads(config.read_text()) if config.is_file() else {}
+        own = read_json(config, _remedy(out)) if config.is_file() else {}
+        if backbone is not None and own.get("backbone") not in (None, backbone.name):
+            raise ArtifactError(out, f"is an OTI run of {own.get('backbone')}/{own.get('pretrained')}, not "
+                                f"{backbone.name}/{backbone.pretrained}", f"pass --model {own.get('backbone')} "
+                                f"--pretrained {own.get('pretrained')}, or run OTI with this backbone")
         own = {k: own[k] for k in TARGET_SETTINGS if k in own}
         if settings is not None and own != settings:
             raise ValueError(f"OTI run {out} was made with {own}, the first run with {settings}: "

@@ -21,7 +21,7 @@ import copy
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from isearle.artifacts import tensors_digest
 from isearle.backbone import Backbone
 from isearle.oti import cosine_loss, replace_concept, usable_concepts
 from isearle.phi import Phi, save_phi
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
+from isearle.resume import digest_rows, load_state, save_state
 
 
 @dataclass
@@ -128,6 +130,21 @@ class PhraseSampler:
         return rows, phrases, pseudo
 
 
+def _phrase_targets(backbone: Backbone, sampler: PhraseSampler | None, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """Text features of every phrase the sampler can draw, encoded once in a fixed order: a phrase's
+    feature then never depends on which others shared its batch, so a resumed run matches bit for bit."""
+    if sampler is None:
+        return {}
+    concepts = sorted({c for cs in sampler.concepts for c in cs if c in sampler.usable})
+    phrases = sorted({p for c in concepts for p in sampler.bank[c]})
+    cache: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for s in range(0, len(phrases), chunk):
+            part = phrases[s : s + chunk]
+            cache.update(zip(part, backbone.encode_texts(part), strict=True))
+    return cache
+
+
 def _gpt_loss(backbone: Backbone, pred: torch.Tensor, sampler: PhraseSampler, idx: Sequence[int],
               rng: random.Random, cache: dict[str, torch.Tensor]) -> torch.Tensor | None:
     rows, phrases, pseudo = sampler.draw(idx, rng)
@@ -191,11 +208,14 @@ def train_phi(
     progress: bool = True,
     validate: Callable[[Phi], float] | None = None,
     selection: Selection | None = None,
+    checkpoint: str | Path | None = None,
 ) -> tuple[Phi, list[dict[str, float]]]:
     """Distil phi from OTI tokens; returns phi (eval mode, last epoch) and per-epoch mean losses.
 
     With `validate` (phi -> metric, higher is better) and `config.val_every`, the metric is logged in
-    the history ("val") and the best weights are kept in `selection`.
+    the history ("val") and the best weights are kept in `selection`. With `checkpoint` (a file) and
+    no validation, the training state is saved after every epoch (`isearle.resume`): a run killed at
+    any moment continues from its last epoch and ends with the same phi.
     """
     config = config or PhiTrainConfig()
     n = image_features.shape[0]
@@ -212,9 +232,18 @@ def train_phi(
         sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts)
     vocab = backbone.token_embedding.weight.detach()
     features, targets = image_features.float().cpu(), oti_tokens.float().cpu()
-    cache: dict[str, torch.Tensor] = {}
-    history: list[dict[str, float]] = []
-    for epoch in tqdm(range(1, config.epochs + 1), desc="phi epochs", disable=not progress):
+    cache, history = _phrase_targets(backbone, sampler), []
+    start, job = 0, None
+    if checkpoint is not None and validate is None:
+        job = {"what": "train-phi", "config": asdict(config), "features": tensors_digest({"f": features}),
+               "targets": tensors_digest({"t": targets}), "phi": tensors_digest(phi.state_dict()),
+               "concepts": digest_rows(image_concepts),
+               "phrases": digest_rows(sorted(phrase_bank.items())) if sampler is not None else None}
+        resumed = load_state(checkpoint, job, phi, optimizer, rng, nrng)
+        if resumed is not None:
+            start, history = resumed
+    for epoch in tqdm(range(start + 1, config.epochs + 1), initial=start, total=config.epochs,
+                      desc="phi epochs", disable=not progress):
         batches = _batches(features, config, nrng)
         sums: dict[str, float] = {"distil": 0.0, "gpt": 0.0, "reg": 0.0, "loss": 0.0}
         for idx in batches:
@@ -232,6 +261,8 @@ def train_phi(
                 selection.epoch, selection.metric = epoch, sums["val"]
                 selection.state = copy.deepcopy({k: v.detach().cpu() for k, v in phi.state_dict().items()})
         history.append(sums)
+        if job is not None:
+            save_state(checkpoint, job, epoch, phi, optimizer, rng, nrng, history)
     return phi.eval(), history
 
 

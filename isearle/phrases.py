@@ -8,7 +8,6 @@ world's grammar, or templated continuations for other vocabularies.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from isearle.artifacts import ArtifactError, display, read_json, write_json
 from isearle.backbone import PLACEHOLDER, WeightsUnavailable
 from isearle.oti import replace_concept
 from isearle.runtime import hub_offline
@@ -54,14 +54,13 @@ def without_placeholder(bank: Mapping[str, Sequence[str]], source: str = "phrase
 
 
 def load_phrase_bank(path: str | Path) -> dict[str, list[str]]:
-    """{concept: phrases} from an `isearle phrases` JSON, without phrases holding "$"."""
-    path = Path(path)
-    try:
-        bank = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"phrase bank {path} is unreadable ({err}): re-create it with `isearle phrases`") from err
-    if not isinstance(bank, dict):
-        raise ValueError(f"phrase bank {path} is not a {{concept: [phrases]}} JSON: re-create it with `isearle phrases`")
+    """{concept: phrases} from an `isearle phrases` JSON, without phrases holding "$" (ArtifactError,
+    one line, when the file is damaged)."""
+    remedy = f"generate it again with `isearle phrases --out {display(path)}`"
+    bank = read_json(path, remedy)
+    if not isinstance(bank, dict) or not all(
+            isinstance(v, list) and all(isinstance(x, str) for x in v) for v in bank.values()):
+        raise ArtifactError(path, "is not a phrase bank ({concept: [phrases]})", remedy)
     return without_placeholder(bank, str(path))
 
 
@@ -121,7 +120,7 @@ def generate_phrases(concepts: Sequence[str], generator: Callable[[str], list[st
                      cache: str | Path | None = None, progress: bool = True) -> dict[str, list[str]]:
     """{concept: phrases}, [] for concepts dropped because a phrase lost them; resumable through a JSON cache."""
     path = Path(cache) if cache else None
-    bank: dict[str, list[str]] = load_phrase_bank(path) if path and path.is_file() else {}
+    bank = load_phrase_bank(path) if path and path.exists() else {}
     dropped = 0
     for i, concept in enumerate(tqdm(concepts, desc="phrases", disable=not progress)):
         if concept in bank:
@@ -133,10 +132,10 @@ def generate_phrases(concepts: Sequence[str], generator: Callable[[str], list[st
         complete = len(valid) == len(dict.fromkeys(" ".join(p.split()) for p in raw))
         bank[concept] = valid if complete else []  # [] marks a dropped concept (kept for resuming)
         if path and i % 50 == 49:
-            path.write_text(json.dumps(bank))
+            write_json(path, bank)
     if dropped:
         log.warning('dropped %d generated phrase(s) containing "%s"', dropped, PLACEHOLDER)
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(bank, indent=0))
+        write_json(path, bank, indent=0)
     return bank
+

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from isearle.artifacts import write_json, write_text
 from isearle.inspect import ImageRecord, Inspector, summarise
 
 COLORS = {"phi": "#4f46e5", "oti": "#db2777", "cosine": "#059669"}
@@ -106,11 +107,11 @@ def write_report(records: Sequence[ImageRecord], out: str | Path, info: dict[str
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"html": out / "index.html"}
-    paths["html"].write_text(render_html(records, info), encoding="utf-8")
+    write_text(paths["html"], render_html(records, info))
     if json_twin:
         paths["json"] = out / "report.json"
         data = {"info": info, "summary": summarise(records), "images": [r.as_dict() for r in records]}
-        paths["json"].write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        write_json(paths["json"], data, indent=1)
     return paths
 
 

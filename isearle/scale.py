@@ -16,7 +16,6 @@ store. OTI shards are written by the driver as batches finish, so an interrupted
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,13 +26,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from isearle import paths
+from isearle.artifacts import write_bytes
 from isearle.backbone import BUNDLED_WEIGHTS, Backbone, load_backbone
 from isearle.images import embed_images, thumbnail_jpeg
 from isearle.index import GalleryIndex, IndexConfig
-from isearle.oti import OTIConfig, invert, load_tokens, prepare_run
+from isearle.oti import OTIConfig, invert, load_tokens, prepare_run, save_shard, shard_done, write_run_config
 from isearle.runtime import cpu_quota, set_threads
 
 log = logging.getLogger(__name__)
@@ -238,7 +237,7 @@ def ray_build_gallery_index(
             meta = items[r][2]
             if thumb_dir is not None and out["thumb"][r]:
                 name = f"{offset + r:07d}.jpg"
-                (thumb_dir / name).write_bytes(out["thumb"][r])
+                write_bytes(thumb_dir / name, out["thumb"][r])
                 meta = {**meta, "thumbnail": f"thumbs/{name}"}
             metas.append(meta)
         feats = torch.nn.functional.normalize(torch.from_numpy(out["features"][rows]).float(), dim=-1)
@@ -310,11 +309,10 @@ def ray_oti(
             lambda: torch.from_numpy(_encode(backbone, items, batch_size, False, False, num_workers,
                                              threads, progress)["features"]),
             config, concepts, phrase_bank, init_phi, store_top_k)
-        (out / "config.json").write_text(json.dumps({**asdict(config), "backbone": backbone.name,
-                                                     "pretrained": backbone.pretrained}, indent=1))
+        write_run_config(out, config, backbone)
         bs = config.batch_size
         n_batches = (len(ids) + bs - 1) // bs
-        pending = [b for b in range(n_batches) if not (out / f"shard_{b:06d}.safetensors").exists()]
+        pending = [b for b in range(n_batches) if not shard_done(out, b, ids[b * bs : (b + 1) * bs])]
         if pending:
             payload = {"features": features, "tasks": tasks, "init": init, "config": config}
             ctor = {"spec": BackboneSpec.of(backbone), "payload": [_ray().put(payload)]}
@@ -334,8 +332,4 @@ def _write_shard(out: Path, b: int, ids: Sequence[str], parts: list[tuple[np.nda
     rows = np.concatenate([r for r, _ in parts])
     tokens = np.concatenate([t for _, t in parts])[np.argsort(rows)]
     rows = np.sort(rows)
-    shard = out / f"shard_{b:06d}.safetensors"
-    tmp = shard.with_suffix(".tmp")
-    save_file({"tokens": torch.from_numpy(np.ascontiguousarray(tokens))}, str(tmp),
-              metadata={"ids": json.dumps([ids[r] for r in rows.tolist()])})
-    tmp.rename(shard)
+    save_shard(out, b, [ids[r] for r in rows.tolist()], torch.from_numpy(np.ascontiguousarray(tokens)))

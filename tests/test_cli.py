@@ -152,8 +152,10 @@ def test_end_to_end_on_an_image_folder(tmp_path, capsys):
 
     assert main(["train-phi", *TINY, "--oti", str(out), "--phrases", str(phrases), "--epochs", "2",
                  "--batch-size", "4", "--out", str(phi_path)]) == 0
-    assert phi_path.is_file() and phi_path.with_suffix(".json").is_file()
-    meta = json.loads(phi_path.with_suffix(".json").read_text())
+    from isearle.phi import phi_settings
+
+    assert phi_path.is_file() and not phi_path.with_name("phi.training.safetensors").exists()
+    meta = phi_settings(phi_path)
     assert meta["backbone"] == "isearle-tiny-test" and meta["train"]["epochs"] == 2
     assert meta["final_losses"]["gpt"] > 0  # the phrases were used
     assert meta["oti"]["steps"] == 5 and meta["oti"]["max_norm"] == 0.0  # the targets' OTI settings

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import pickle
 import time
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 
 import isearle.paths
 import isearle.phi
+from isearle.artifacts import ArtifactError
 from isearle.backbone import WeightsUnavailable
 from isearle.oti import OTIConfig
 from isearle.phi import (
@@ -181,16 +181,16 @@ def test_save_and_load_phi_round_trip(tiny, tmp_path):
     phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).eval()
     path = save_phi(phi, tmp_path / "sub" / "phi.pt", {"backbone": tiny.name})
     assert path == tmp_path / "sub" / "phi.safetensors"
-    assert path.is_file() and path.with_suffix(".json").is_file()
+    assert path.is_file() and not path.with_suffix(".json").exists()  # one self-describing file
     assert path.read_bytes()[:1] != b"\x80"  # safetensors, not a pickle
     loaded = load_phi(path)
     assert loaded.config == phi.config
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     x = torch.randn(4, tiny.embed_dim)
     assert torch.equal(loaded(x), phi(x))
-    import json
+    from isearle.phi import phi_settings
 
-    meta = json.loads(path.with_suffix(".json").read_text())
+    meta = phi_settings(path)
     assert meta["backbone"] == tiny.name and meta["phi"]["output_dim"] == tiny.token_width
     assert loaded.oti_settings == {}  # no record: SEARLE's OTI
 
@@ -234,9 +234,9 @@ def test_official_loader_refuses_pickled_objects(tmp_path):
     marker = tmp_path / "code-ran"
     path = tmp_path / "evil.pt"
     torch.save({"epoch": 3, "Phi": phi.state_dict(), "extra": _Payload(str(marker))}, path)
-    with pytest.raises(pickle.UnpicklingError):
-        load_official_searle(path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ArtifactError, match="evil.pt is not a readable SEARLE checkpoint .*Weights only load failed"):
+        load_official_searle(path)  # torch.load(weights_only=True) refused the pickled object: one line
+    with pytest.raises(ArtifactError, match="evil.pt is not a readable SEARLE checkpoint"):
         load_phi(path)
     assert not marker.exists()
 

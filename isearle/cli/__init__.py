@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted: resumable commands continue where they stopped when run again", file=sys.stderr)
         return 130
     except OSError as err:  # disk full, permission denied...: the file and the reason, no traceback
+        if os.environ.get("ISEARLE_DEBUG"):
+            raise
         print(f"error: {err.filename or ''}{': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
         return 1
     except Exception as err:  # a bug: one line for the user; ISEARLE_DEBUG=1 shows the traceback

@@ -70,7 +70,8 @@ def eval_main(args: argparse.Namespace) -> int:
     )
     print(format_table(result))
     if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(jsonable(result), indent=1))
+        from isearle.artifacts import write_text
+
+        write_text(args.json, json.dumps(jsonable(result), indent=1))
         print(f"results: {args.json}")
     return 0

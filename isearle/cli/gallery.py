@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from isearle.cli.common import add_backbone_arguments, backbone_from
@@ -63,10 +62,7 @@ def index_main(args: argparse.Namespace) -> int:
                          hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search, ivf_nprobe=args.nprobe)
     index = None
     if args.append and (args.out / INFO_FILE).is_file():
-        index = GalleryIndex.load(args.out, mmap=False, expect_backbone=backbone)
-        known = sum(1 for i, _, _ in items if str(i) in index)
-        if known:
-            print(f"{known} of {len(items)} images are already in {args.out}: skipped", file=sys.stderr)
+        index = GalleryIndex.load(args.out, mmap=False, expect_backbone=backbone)  # ids it holds are skipped
     thumbs = args.out if (args.thumbnails or args.hf_dataset is not None) else None
     if args.ray:
         from isearle.scale import ray_build_gallery_index

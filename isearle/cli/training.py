@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from isearle.cli.common import (
@@ -26,6 +25,7 @@ def add_concepts_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def concepts_main(args: argparse.Namespace) -> int:
+    from isearle.artifacts import write_json
     from isearle.concepts import concept_bank
     from isearle.images import extract_features
 
@@ -33,8 +33,7 @@ def concepts_main(args: argparse.Namespace) -> int:
     bank = concept_bank(backbone, args.vocabulary)
     ids, items = source_from(args, backbone.image_size)
     names = bank.top_names(extract_features(backbone, items), args.top_k)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(dict(zip(ids, names, strict=True))))
+    write_json(args.out, dict(zip(ids, names, strict=True)))
     print(f"wrote the top {args.top_k} of {len(bank.names)} concepts for {len(ids)} images to {args.out}")
     return 0
 
@@ -89,7 +88,7 @@ def oti_main(args: argparse.Namespace) -> int:
     config = oti_config_from(args)
     ids, items = source_from(args, backbone.image_size)
     bank = load_phrase_bank(args.phrases) if args.phrases else None
-    phi = load_phi(args.phi, backbone.device) if args.phi else None
+    phi = load_phi(args.phi, backbone.device, backbone) if args.phi else None
     concepts = concept_bank(backbone, args.vocabulary)
     if args.ray:
         from isearle.scale import ray_oti
@@ -131,7 +130,9 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
                    help="validation benchmark (val split): shapes (offline) or cirr / circo with --val-data")
     p.add_argument("--val-data", type=Path, default=None, help="dataset folder of --val-benchmark (official layout)")
     p.add_argument("--val-metric", default=None, help="metric to maximise (default: R@1 for cirr, mAP@10 otherwise)")
-    p.add_argument("--out", type=Path, required=True, help="phi checkpoint (.safetensors + .json)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="phi checkpoint (.safetensors, settings in its metadata); a killed run resumes from "
+                        "OUT.training.safetensors")
 
 
 def train_phi_main(args: argparse.Namespace) -> int:
@@ -142,7 +143,7 @@ def train_phi_main(args: argparse.Namespace) -> int:
     from isearle.presets import preset
 
     backbone = backbone_from(args)
-    ids, features, tokens, concepts, oti = load_runs(args.oti)
+    ids, features, tokens, concepts, oti = load_runs(args.oti, backbone)
     config = preset(args.preset).phi_config(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, temperature=args.temperature,
         lambda_gpt=args.lambda_gpt, lambda_reg=args.lambda_reg, reg_form=args.reg_form, reg_norm=args.reg_norm,
@@ -152,12 +153,14 @@ def train_phi_main(args: argparse.Namespace) -> int:
     if config.val_every:
         validate = phi_validator(backbone, args.val_benchmark, args.val_data, args.val_metric)
         selection = Selection()
+    state = args.out.with_name(args.out.stem + ".training.safetensors")  # resumable: kept until phi is saved
     phi, history = train_phi(backbone, features, tokens, config, concepts, bank, validate=validate,
-                             selection=selection)
+                             selection=selection, checkpoint=state)
     extra = {"backbone": backbone.name, "pretrained": backbone.pretrained, "oti": oti, "preset": args.preset,
              "train": vars(config), "final_losses": history[-1] if history else {},
              "val": [h["val"] for h in history if "val" in h]}
     paths = save_trained(phi, args.out, extra, selection)
+    state.unlink(missing_ok=True)
     best = f"; best validation {selection.metric:.2f} at epoch {selection.epoch}" if selection and selection.state else ""
     print(f"phi trained on {len(ids)} images; last epoch losses {history[-1] if history else {}}{best}; "
           f"saved {', '.join(map(str, paths))}")

@@ -29,8 +29,8 @@ def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
                    help="autocast dtype of the training forward pass")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
-    p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.pt)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.pt")
+    p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between zero-shot evaluations (0: off)")
     p.add_argument("--eval-scenes", type=int, default=d.eval_scenes, help="held-out scenes of the zero-shot R@1")
     p.add_argument("--export", default=d.export, help="fp16 safetensors written at the end")

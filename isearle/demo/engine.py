@@ -99,6 +99,8 @@ class DemoEngine:
         self.threads = torch.get_num_threads()  # after `set_threads()`: the CPU quota
         #: display-image content hash -> (gallery key, item id): references picked from a gallery
         self.known = LRUCache(4096)
+        #: what start-up found wrong and did about it (damaged galleries rebuilt or skipped), shown by the app
+        self.notices: list[str] = []
 
     # --------------------------------------------------------------------------- loading
     def load(self, key: str | None = None, progress: bool = True) -> Loaded:
@@ -125,13 +127,13 @@ class DemoEngine:
         An entry that cannot be loaded (weights neither cached nor downloadable, no index) is dropped
         with a message, so that a machine without network falls back to the offline world.
         """
-        entries, problems = [], []
+        entries, problems, notices = [], [], []
         for entry in entries_from_args(args):
             if not entry.directory.is_absolute() and not entry.directory.exists():
                 entry.directory = REPO_DIR / entry.directory
             has_source = entry.images is not None or bool(entry.hf_dataset)
             if not has_source and entry.directory.resolve() == (REPO_DIR / "gallery_index").resolve():
-                ensure_offline_gallery(entry.directory)  # the offline world: built when missing or stale
+                ensure_offline_gallery(entry.directory, notices=notices)  # built when missing, damaged or stale
             if has_source or index_present(entry.directory):
                 entries.append(entry)
             else:
@@ -144,11 +146,13 @@ class DemoEngine:
                 break
             except (WeightsUnavailable, FileNotFoundError, ValueError, OSError) as err:
                 problems.append(f"{entries[0].key}: {err}")
+                notices.append(f"skipped {entries[0].key}: {err}")
                 log.warning("skipping %s: %s", entries[0].key, err)
                 entries = entries[1:]
         if not entries or engine is None:
             raise FileNotFoundError("nothing to serve: " + "; ".join(problems) +
                                     " (build the offline gallery with `python -m isearle.demo build-gallery`)")
+        engine.notices = notices
         return engine
 
     def label(self, key: str) -> str:

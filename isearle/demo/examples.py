@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from isearle.artifacts import write_text
 from isearle.demo.inputs import clean_caption
 from isearle.paths import ASSETS_DIR
 
@@ -76,7 +77,7 @@ def make_examples(benchmark_dir: str | Path | None = None, out: str | Path = EXA
             "references": refs, "captions": list(SHAPES_CAPTIONS)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text(out, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
     return out
 
 

@@ -152,18 +152,26 @@ def offline_gallery_stale(directory: Path) -> bool:
     return info["weights"] != file_digest(bundled)
 
 
-def ensure_offline_gallery(directory: Path, progress: bool = True) -> bool:
-    """Build the offline world's gallery when it is missing or was embedded with other shapes weights.
+def ensure_offline_gallery(directory: Path, progress: bool = True, notices: list[str] | None = None) -> bool:
+    """Build the offline world's gallery when it is missing, damaged (`isearle.artifacts`) or was
+    embedded with other shapes weights; what was wrong is appended to `notices`.
 
     Returns whether `directory` holds an index afterwards. Needs the benchmark and the weights.
     """
+    from isearle.index import gallery_problem
     from isearle.shapes.benchmark import BENCHMARK_DIR
 
     present = index_present(directory)
     if present:
-        if not offline_gallery_stale(directory):
+        problem = gallery_problem(directory)
+        if problem is None and not offline_gallery_stale(directory):
             return True
-        log.info("%s was embedded with other isearle-shapes weights: rebuilding it", directory)
+        if problem is not None:
+            log.warning("%s: rebuilding it", problem)
+            if notices is not None:
+                notices.append(f"{problem.path.name} of the offline gallery {problem.problem}: it was rebuilt")
+        else:
+            log.info("%s was embedded with other isearle-shapes weights: rebuilding it", directory)
     if not (BENCHMARK_DIR / "gallery.json").is_file():
         return present
     try:

@@ -4,14 +4,16 @@ the thumbnail / reference PNG files the app serves."""
 from __future__ import annotations
 
 import hashlib
-import os
-import threading
+import logging
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageDraw
 
+from isearle.artifacts import atomic_path
 from isearle.images import BadImage, open_image
+
+log = logging.getLogger(__name__)
 
 THUMB_SIZE = 160  # result thumbnails (px)
 REFERENCE_SIZE = 256  # a gallery item shown as the reference (px)
@@ -65,21 +67,30 @@ class ThumbnailCache:
         """A result thumbnail: the item fit in `size`, over a white band that the caption label covers."""
         name = hashlib.blake2b(f"{gallery_key}\0{item_id}".encode(), digest_size=10).hexdigest()
         out = self.root / str(size) / f"{name}.png"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
+        if not _intact(out):
             image = gallery_image(index, item_id, size, supersample=2)  # 2x: enough at thumbnail size
             canvas = Image.new("RGB", (size, size + size // 5), "white")
             canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
-            tmp = out.with_suffix(f".{threading.get_ident()}.tmp")
-            canvas.save(tmp, format="PNG", compress_level=1)  # written once, read locally: speed over size
-            os.replace(tmp, out)  # atomic: concurrent requests never serve a half-written file
+            with atomic_path(out) as tmp:  # concurrent requests never serve a half-written file
+                canvas.save(tmp, format="PNG", compress_level=1)  # written once, read locally: speed over size
         return str(out)
 
     def save(self, image: Image.Image, name: str) -> str:
         out = self.root / "refs" / f"{name}.png"
-        if not out.is_file():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_suffix(f".{threading.get_ident()}.tmp")
-            image.save(tmp, format="PNG")
-            os.replace(tmp, out)
+        if not _intact(out):
+            with atomic_path(out) as tmp:
+                image.save(tmp, format="PNG")
         return str(out)
+
+
+def _intact(path: Path) -> bool:
+    """Whether a cached thumbnail exists and decodes (a damaged one is logged and written again)."""
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as err:  # PIL raises many types for a damaged file
+        log.warning("thumbnail %s is damaged (%s): writing it again", path, type(err).__name__)
+        return False
+    return True

@@ -25,6 +25,7 @@ from typing import Any
 
 from PIL import Image
 
+from isearle.artifacts import write_text
 from isearle.paths import ASSETS_DIR
 from isearle.shapes.captions import _attribute_change, apply_changes, describe, edit_scene, relative_caption
 from isearle.shapes.world import (
@@ -175,12 +176,11 @@ def build_benchmark(out_dir: str | Path = BENCHMARK_DIR, seed: int = 0, n_val: i
             rows.append({"id": qid, "reference_img_id": q["reference_img_id"], "target_img_id": q["target_img_id"],
                          "relative_caption": q["relative_caption"], "gt_img_ids": gts, "edit_type": q["edit_type"],
                          "shared_concept": q["shared_concept"], "target_description": q["target_description"]})
-        out.joinpath("annotations", f"{split}.json").write_text(json.dumps(rows, indent=0))
+        write_text(out.joinpath("annotations", f"{split}.json"), json.dumps(rows, indent=0))
         stats[split] = {"queries": len(rows), "per_edit_type": dict(Counter(r["edit_type"] for r in rows)),
                         "mean_gts": round(sum(len(r["gt_img_ids"]) for r in rows) / max(1, len(rows)), 2)}
-    out.joinpath("gallery.json").write_text(
-        json.dumps({k: compact(v) for k, v in gallery.items()}, separators=(",", ":")))
-    out.joinpath("stats.json").write_text(json.dumps(stats, indent=2))
+    write_text(out.joinpath("gallery.json"), json.dumps({k: compact(v) for k, v in gallery.items()}, separators=(",", ":")))
+    write_text(out.joinpath("stats.json"), json.dumps(stats, indent=2))
     return stats
 
 
