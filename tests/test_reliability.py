@@ -222,11 +222,16 @@ def test_cli_turns_unexpected_errors_into_one_line(monkeypatch, capsys):
         return run
 
     monkeypatch.delenv("ISEARLE_DEBUG", raising=False)
-    monkeypatch.setattr(C, "concepts_main", fail(RuntimeError("boom\nsecond line")))
+    commands = C.COMMANDS
+
+    def failing(err):  # `isearle concepts` raising err
+        return [(n, h, add, fail(err) if n == "concepts" else run) for n, h, add, run in commands]
+
+    monkeypatch.setattr(C, "COMMANDS", failing(RuntimeError("boom\nsecond line")))
     assert C.main(["concepts", "--shapes", "1", "--out", "x.json"]) == 1
     assert capsys.readouterr().err == ("error: internal error (RuntimeError: boom); run again with ISEARLE_DEBUG=1 "
                                        "for the traceback and report it\n")
-    monkeypatch.setattr(C, "concepts_main", fail(OSError(28, "No space left on device", "/data/x.json")))
+    monkeypatch.setattr(C, "COMMANDS", failing(OSError(28, "No space left on device", "/data/x.json")))
     assert C.main(["concepts", "--shapes", "1", "--out", "x.json"]) == 1
     assert capsys.readouterr().err == "error: /data/x.json: No space left on device\n"
     monkeypatch.setenv("ISEARLE_DEBUG", "1")
@@ -363,7 +368,8 @@ def oti_run(tiny_checkpoint, tmp_path):
     """An OTI run over 64 shapes scenes (2 steps: the tokens only need to exist) and a phrase bank."""
     from isearle.concepts import concept_bank, load_vocabulary
     from isearle.oti import OTIConfig, invert_images
-    from isearle.phrases import generate_phrases, offline_generator
+    from isearle.phrases import generate_phrases
+    from isearle.shapes.captions import phrase_generator
     from isearle.shapes.world import scene_source
 
     backbone = load_backbone("isearle-tiny-test", str(tiny_checkpoint), "cpu")
@@ -372,7 +378,7 @@ def oti_run(tiny_checkpoint, tmp_path):
     invert_images(backbone, ids, items, out, OTIConfig(steps=2, batch_size=32),
                   concept_bank(backbone, "shapes", cache_dir=tmp_path / "concepts", progress=False), progress=False)
     phrases = tmp_path / "phrases.json"
-    generate_phrases(load_vocabulary("shapes"), offline_generator("shapes", 4, 0), cache=phrases, progress=False)
+    generate_phrases(load_vocabulary("shapes"), phrase_generator(4, 0), cache=phrases, progress=False)
     return out, phrases
 
 
@@ -638,18 +644,18 @@ def test_damaged_thumbnails_are_written_again(tmp_path, caplog):
 @pytest.fixture()
 def offline_world(monkeypatch, tmp_path):
     """A small offline world: the bundled shapes CLIP, 24 ShapesCIR gallery scenes, REPO_DIR = tmp."""
-    from isearle import demo as D
+    import isearle.demo.engine
     from isearle.shapes import benchmark
+    from isearle.weights import weights_file
 
-    if D.weights_file("isearle-shapes") is None or not (benchmark.BENCHMARK_DIR / "gallery.json").is_file():
+    if weights_file("isearle-shapes") is None or not (benchmark.BENCHMARK_DIR / "gallery.json").is_file():
         pytest.skip("no bundled offline world in this checkout")
     specs = json.loads((benchmark.BENCHMARK_DIR / "gallery.json").read_text())
     bench = tmp_path / "shapescir"
     bench.mkdir()
     (bench / "gallery.json").write_text(json.dumps(dict(list(specs.items())[:24])))
     monkeypatch.setattr(benchmark, "BENCHMARK_DIR", bench)
-    monkeypatch.setattr(D, "REPO_DIR", tmp_path)
-    monkeypatch.setenv("ISEARLE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(isearle.demo.engine, "REPO_DIR", tmp_path)  # tmp/gallery_index is "the offline gallery"
     return tmp_path / "gallery_index"
 
 
