@@ -198,7 +198,9 @@ def test_a_phrase_bank_with_dollar_phrases_runs_through_oti_and_train_phi(tmp_pa
         phi_path = tmp_path / f"phi_{preset}.safetensors"
         assert main(["train-phi", *TINY, "--preset", preset, "--oti", str(out), "--phrases", str(phrases),
                      "--epochs", "2", "--batch-size", "2", "--out", str(phi_path)]) == 0
-        meta = json.loads(phi_path.with_suffix(".json").read_text())
+        from isearle.phi import phi_settings
+
+        meta = phi_settings(phi_path)
         assert meta["preset"] == preset and meta["final_losses"]["gpt"] > 0
         assert meta["train"]["hard_negatives"] == (preset == "isearle")
         assert meta["train"]["reg_form"] == ("none" if preset == "searle" else "norm")

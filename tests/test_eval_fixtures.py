@@ -447,7 +447,9 @@ def test_train_phi_validates_on_cirr_val_and_keeps_the_best(data, tmp_path, caps
     assert cli_main(["train-phi", *model, "--oti", str(tmp_path / "oti"), "--epochs", "3", "--batch-size", "2",
                      "--lr", "1e-2", "--val-every", "1", "--val-benchmark", "cirr", "--val-data", str(root / "CIRR"),
                      "--out", str(out)]) == 0
-    meta = json.loads(out.with_suffix(".json").read_text())
+    from isearle.phi import phi_settings
+
+    meta = phi_settings(out)
     last = out.with_name("phi.last.safetensors")
     assert last.is_file() and len(meta["val"]) == 3
     assert meta["best_val"] == max(meta["val"]) and meta["val"][meta["best_epoch"] - 1] == meta["best_val"]

@@ -302,7 +302,9 @@ def test_validation_keeps_the_best_and_the_last_epoch(tiny, tmp_path):
     for key, value in two.state_dict().items():
         assert torch.equal(best.state_dict()[key], value), key  # the epoch-2 weights
         assert torch.equal(last.state_dict()[key], phi.state_dict()[key])
-    assert json.loads(paths[0].with_suffix(".json").read_text())["best_epoch"] == 2
+    from isearle.phi import phi_settings
+
+    assert phi_settings(paths[0])["best_epoch"] == 2
     every_other = iter([2.0])
     _, history = train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=2, batch_size=8, val_every=2),
                            validate=lambda phi: next(every_other), progress=False)
@@ -359,7 +361,9 @@ def test_train_phi_options_reach_the_configuration(tiny, tmp_path):
                  "--preset", "searle", "--oti", str(run), "--epochs", "2", "--batch-size", "4", "--lr", "0.002",
                  "--temperature", "0.5", "--lambda-gpt", "0.3", "--lambda-reg", "0.2", "--reg-form", "knn",
                  "--reg-norm", "1.5", "--seed", "3", "--out", str(out)]) == 0
-    train = json.loads(out.with_suffix(".json").read_text())["train"]
+    from isearle.phi import phi_settings
+
+    train = phi_settings(out)["train"]
     assert {k: train[k] for k in ("epochs", "batch_size", "lr", "temperature", "lambda_gpt", "lambda_reg",
                                   "reg_form", "reg_norm", "seed", "hard_negatives")} == {
         "epochs": 2, "batch_size": 4, "lr": 0.002, "temperature": 0.5, "lambda_gpt": 0.3, "lambda_reg": 0.2,
