@@ -1,20 +1,35 @@
 """Bench e: gallery indexing throughput (images per second) of `build_gallery_index`.
 
 ViT-B-32 architecture (random weights), 640x480 JPEG files on disk: decode, targetpad preprocess,
-image encoder, FAISS add. Batch size and DataLoader worker processes vary; with --ray, the Ray Data
-path (local Ray, one actor per core) too (its start-up is included: that is what a user waits for).
+image encoder, FAISS add. Where the time goes: per-image decode (full / JPEG draft mode), preprocess
+and encoder (fp32 / bf16 / bf16 channels-last), interleaved. End to end, interleaved: today's path
+(fp32, full decode) against the new one (bf16 weights, draft decode). With --ray, the Ray Data path
+(local Ray, one actor per core) too (its start-up is included: that is what a user waits for).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import Row, log, print_table, row, setup_threads
+from bench.common import (
+    Row,
+    check_load,
+    finish,
+    goal_row,
+    interleaved,
+    log,
+    median,
+    ratio,
+    ratio_text,
+    row,
+    setup_threads,
+)
 
 
 def write_images(folder: Path, n: int) -> list[Path]:
@@ -35,12 +50,44 @@ def write_images(folder: Path, n: int) -> list[Path]:
     return paths
 
 
+def breakdown(backbone, low, paths: list[Path], batch: int) -> dict[str, list[float]]:
+    """Seconds per image of each stage, interleaved: decode (full / draft), preprocess, encoder
+    (fp32 / bf16 / bf16 channels-last) at `batch` images per call."""
+    import torch
+
+    from isearle.images import open_image
+
+    size = backbone.image_size
+    full = [open_image(p) for p in paths[:batch]]
+    pixels = torch.stack([backbone.preprocess(im) for im in full])
+    last = copy.deepcopy(low)
+    last.model.visual.to(memory_format=torch.channels_last)
+    n = len(full)
+
+    def per_image(fn):
+        return lambda: fn() and None
+
+    with torch.inference_mode():
+        got = interleaved({
+            "decode, full size": per_image(lambda: [open_image(p) for p in paths[:n]]),
+            "decode, JPEG draft": per_image(lambda: [open_image(p, draft=size) for p in paths[:n]]),
+            "preprocess (targetpad, from full size)": per_image(lambda: [backbone.preprocess(im) for im in full]),
+            "encoder fp32": lambda: backbone.encode_images(pixels),
+            "encoder bf16": lambda: low.encode_images(pixels),
+            "encoder bf16, channels-last": lambda: last.encode_images(pixels.contiguous(memory_format=torch.channels_last)),
+        }, 3)
+    return {k: [t / n for t in ts] for k, ts in got.items()}
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--images", type=int, default=64)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of today's and the new path")
     p.add_argument("--ray", action="store_true", help="also time the Ray Data path")
     args = p.parse_args(argv)
     threads = setup_threads()
+    check_load("bench e: ")
 
     import torch
 
@@ -49,34 +96,48 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     torch.manual_seed(0)
     backbone = load_backbone("ViT-B-32", None, "cpu")
+    low = backbone.with_precision("bf16")
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="isearle-bench-") as tmp:
         folder = Path(tmp)
         log(f"bench e: writing {args.images} JPEGs")
-        write_images(folder, args.images)
+        paths = write_images(folder, args.images)
         items = folder_items(folder)
-        build_gallery_index(backbone, items[:4], batch_size=4, progress=False)  # warm-up
-        case = f"ViT-B-32, {args.images} JPEGs 640x480, torch {threads} threads"
-        configs = [(1, 0), (32, 0), (32, 2)]
-        for batch, workers in configs:
-            log(f"bench e: batch {batch}, workers {workers}")
-            t = time.perf_counter()
-            index = build_gallery_index(backbone, items, batch_size=batch, num_workers=workers, progress=False)
-            dt = time.perf_counter() - t
-            assert len(index) == len(items)
-            rows.append(row("e index", case, f"batch {batch}, {workers} DataLoader workers", len(items) / dt, "img/s",
-                            "", f"{dt:.1f} s"))
+        case = f"ViT-B-32, {args.images} JPEGs 640x480, batch {args.batch}, torch {threads} threads"
+        parts = breakdown(backbone, low, paths, min(args.batch, args.images))
+        for name, ts in parts.items():
+            rows.append(row("e index", case, f"part per image: {name}", median(ts) * 1e3, "ms"))
+        sides = {
+            "today (fp32, full decode)": lambda: build_gallery_index(backbone, items, args.batch, progress=False),
+            "new (bf16, JPEG draft decode)": lambda: build_gallery_index(low, items, args.batch, progress=False,
+                                                                         draft=True),
+        }
+        got = interleaved(sides, args.rounds)
+        ips = {k: len(items) / median(ts) for k, ts in got.items()}
+        for name, v in ips.items():
+            rows.append(row("e index", case, name, v, "img/s", ">= 32 img/s" if name.startswith("new") else ""))
+        r = ratio(*got.values())
+        with torch.inference_mode():
+            a = build_gallery_index(backbone, items[:8], 8, progress=False).vectors()
+            b = build_gallery_index(low, items[:8], 8, progress=False, draft=True).vectors()
+        cos = float((a * b).sum(1).min())
+        new = ips["new (bf16, JPEG draft decode)"]
+        rows.append(goal_row(f"gallery indexing, ViT-B-32, 640x480 JPEGs, batch {args.batch}",
+                             f"{ips['today (fp32, full decode)']:.1f} img/s",
+                             f"{new:.1f} img/s (bf16 + JPEG draft); {ratio_text(r)} faster",
+                             ">= 32 img/s", "met" if new >= 32 else "not met here",
+                             f"min cosine of gallery vectors to today's {cos:.4f}"))
         if args.ray:
             from isearle.scale import ray_build_gallery_index
 
             log("bench e: Ray Data path")
             t = time.perf_counter()
-            index = ray_build_gallery_index(backbone, items, batch_size=32, progress=False)
+            ray_build_gallery_index(backbone, items, batch_size=args.batch, progress=False)
             dt = time.perf_counter() - t
-            rows.append(row("e index", case, "Ray Data, local, 1 actor per core, batch 32", len(items) / dt,
+            rows.append(row("e index", case, "Ray Data, local, 1 actor per core", len(items) / dt,
                             "img/s", "", f"{dt:.1f} s incl. Ray start-up"))
     return rows
 
 
 if __name__ == "__main__":
-    print_table(main(), "e. gallery indexing throughput")
+    finish(main(), "e. gallery indexing throughput")

@@ -4,10 +4,14 @@ SEARLE's step, re-implemented faithfully (its oti_inversion loop): tokenise the 
 encode them with the pseudo-tokens over the full 77-token context (content loss); tokenise the
 step's GPT phrases, re-encode the real phrases without gradient and the "$" phrases with the
 pseudo-tokens, again over the full context (GPT loss); loss = (L_content + 0.5 L_gpt) / 1.5; AdamW
-(lr 2e-2, wd 0.01) and an EMA of 0.99. Intermediate variants add one change at a time; the last row
-is `isearle.oti` itself (truncated context, phrase targets encoded once per batch, template and
-phrase prompts in one fused pass). All variants draw the same prompts from the same seed and start
-from the same tokens, so their loss trajectories must agree to fp32 rounding.
+(lr 2e-2, wd 0.01) and an EMA of 0.99. Against it, interleaved in one process (each round: one
+SEARLE step, then a few steps of every other variant in turn; the ratio is the median over rounds of
+SEARLE's step / the variant's, with its spread): today's `isearle.oti` (truncated context, phrase
+targets encoded once per batch, template and phrase prompts in one fused pass), the new default
+(+ keys/values of the positions before "$" cached once per prefix, suffixes packed without padding)
+and that in bf16 autocast. `--all-variants` adds SEARLE + truncation and + cached targets. All draw
+the same prompts from the same seed and start from the same tokens, so the fp32 loss trajectories
+must agree to rounding (bf16: close).
 
 Warm start: on the offline shapes world (its CLIP and phi, when assets/models holds them), the
 number of OTI steps from phi's token needed to reach the loss of 350 cold steps.
@@ -16,6 +20,7 @@ number of OTI steps from phi's token needed to reach the loss of 350 cold steps.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import os
 import random
@@ -24,7 +29,19 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import REPO, Row, log, median, print_table, row, setup_threads
+from bench.common import (
+    REPO,
+    Row,
+    check_load,
+    finish,
+    goal_row,
+    log,
+    median,
+    ratio,
+    ratio_text,
+    row,
+    setup_threads,
+)
 
 NOUNS = [
     "dog", "cat", "car", "bicycle", "tree", "house", "chair", "table", "bird", "boat", "flower", "horse",
@@ -81,27 +98,38 @@ class SearleStep:
         return (cfg.lambda_content * content + cfg.lambda_gpt * gpt) / (cfg.lambda_content + cfg.lambda_gpt)
 
 
-def optimise(loss_fn, init, config, steps: int) -> tuple[list[float], list[float]]:
-    """The OTI loop of `isearle.oti.invert` around any loss: (step seconds, step losses)."""
-    import torch
+class Stepper:
+    """The OTI loop of `isearle.oti.invert` around any loss, one step per call (to interleave variants)."""
 
-    v = torch.nn.Parameter(init.clone())
-    ema = v.detach().clone()
-    opt = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
-    times, losses = [], []
-    for step in range(steps):
+    def __init__(self, loss_fn, init, config) -> None:
+        import torch
+
+        self.loss_fn, self.config, self.step_no = loss_fn, config, 0
+        self.v = torch.nn.Parameter(init.clone())
+        self.ema = self.v.detach().clone()
+        self.opt = torch.optim.AdamW([self.v], lr=config.lr, weight_decay=config.weight_decay)
+        self.times: list[float] = []
+        self.losses: list[float] = []
+
+    def __call__(self) -> float:
         t = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss = loss_fn(step, v)
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.step_no, self.v)
         loss.backward()
-        opt.step()
-        ema.mul_(config.ema_decay).add_(v.detach(), alpha=1 - config.ema_decay)
-        times.append(time.perf_counter() - t)
-        losses.append(float(loss.detach()))
-    return times, losses
+        self.opt.step()
+        self.ema.mul_(self.config.ema_decay).add_(self.v.detach(), alpha=1 - self.config.ema_decay)
+        dt = time.perf_counter() - t
+        self.times.append(dt)
+        self.losses.append(float(loss.detach()))
+        self.step_no += 1
+        return dt
 
 
-def bench_steps(model: str, batch: int, searle_steps: int, fast_steps: int) -> list[Row]:
+def bench_steps(model: str, batch: int, rounds: int, fast_per_round: int, full: bool = False) -> list[Row]:
+    """SEARLE's step against isearle.oti's (today's fused pass; prefix cache; + bf16), interleaved:
+    each round runs one SEARLE step, then `fast_per_round` steps of every other variant in turn."""
+    import dataclasses
+
     import torch
 
     from isearle.backbone import load_backbone
@@ -116,39 +144,60 @@ def bench_steps(model: str, batch: int, searle_steps: int, fast_steps: int) -> l
     t = time.perf_counter()
     objective = OTIObjective(backbone, feats, tasks, config, random.Random(config.seed))
     setup = time.perf_counter() - t
+    # the same draws and phrase targets, computed the old way (no prefix cache) and in bf16
+    today, bf16 = copy.copy(objective), copy.copy(objective)
+    today.prefix_cache = None
+    bf16.config = dataclasses.replace(config, precision="bf16")
     n_targets = 0 if objective.phrase_targets is None else objective.phrase_targets.shape[0]
     init = torch.randn(batch, backbone.token_width, generator=torch.Generator().manual_seed(0)) * config.init_std
     phrase_len = max(int(tok.argmax()) + 1 for tok in objective.phrase_tokens)
-    variants = [
-        ("SEARLE step (full context, 2 passes, targets re-encoded)", SearleStep(objective).loss, searle_steps),
-        ("+ truncated context", SearleStep(objective, truncate=True).loss, fast_steps),
-        ("+ truncated, targets cached", SearleStep(objective, True, True).loss, fast_steps),
-        ("isearle.oti (truncated, cached, fused pass)", objective.loss, fast_steps),
-    ]
-    results = {}
-    for name, fn, steps in variants:
-        log(f"bench b: {model} {name}, {steps} steps")
-        times, losses = optimise(fn, init, config, steps)
-        results[name] = (median(times[1:]), losses)  # the first step warms up kernels
-    base_time, base_losses = results[variants[0][0]]
+    variants = {"SEARLE step (full context, 2 passes, targets re-encoded)": SearleStep(objective).loss}
+    if full:
+        variants["+ truncated context"] = SearleStep(objective, truncate=True).loss
+        variants["+ truncated, targets cached"] = SearleStep(objective, True, True).loss
+    variants["today: isearle.oti fused pass (truncated, targets cached)"] = today.loss
+    variants["new: + prefix cache, packed suffixes (fp32)"] = objective.loss
+    variants["new: + prefix cache, bf16 autocast"] = bf16.loss
+    steppers = {name: Stepper(fn, init, config) for name, fn in variants.items()}
+    names = list(steppers)
+    log(f"bench b: {model} batch {batch}: {rounds} interleaved rounds")
+    per_round: dict[str, list[float]] = {n: [] for n in names}
+    for _ in range(rounds + 1):  # round 0 warms every variant up and is not counted
+        for name in names:
+            times = [steppers[name]() for _ in range(1 if name == names[0] else fast_per_round)]
+            per_round[name].append(median(times))
+    per_round = {n: ts[1:] for n, ts in per_round.items()}
+    base = per_round[names[0]]
     case = f"{model}, batch {batch}, 15 concepts x 8 phrases/image (<= {phrase_len} tokens)"
     rows = []
-    for name, _, _ in variants:
-        step_s, losses = results[name]
-        k = min(len(losses), len(base_losses))
-        diff = max(abs(a - b) for a, b in zip(losses[:k], base_losses[:k], strict=True))
-        goal = ">= 8x" if name.startswith("isearle") else ""
-        rows.append(row("b OTI", case, f"{name}: steps/s", 1 / step_s, "steps/s", "",
-                        f"{step_s * 1e3:.0f} ms/step"))
-        if name != variants[0][0]:
-            rows.append(row("b OTI", case, f"{name}: speed-up", base_time / step_s, "x", goal,
-                            f"loss max |diff| over {k} steps {diff:.1e}"))
-    fast_time = results[variants[-1][0]][0]
-    total_fast = setup + 350 * fast_time
-    rows.append(row("b OTI", case, "isearle.oti one-off target encoding (350-step draw)", setup, "s",
-                    "", f"{n_targets} distinct phrase targets"))
-    rows.append(row("b OTI", case, "350-step OTI incl. target encoding: speed-up", 350 * base_time / total_fast,
-                    "x", "", f"{total_fast:.1f} s vs {350 * base_time:.0f} s"))
+    ratios = {}
+    for name in names:
+        step_s = median(per_round[name])
+        rows.append(row("b OTI", case, f"{name}: ms/step", step_s * 1e3, "ms", "", f"{1 / step_s:.2f} steps/s"))
+        if name == names[0]:
+            continue
+        ratios[name] = r = ratio(base, per_round[name])
+        losses, ref = steppers[name].losses, steppers[names[0]].losses
+        k = min(len(losses), len(ref))
+        diff = max(abs(a - b) for a, b in zip(losses[:k], ref[:k], strict=True))
+        rows.append(row("b OTI", case, f"{name}: speed-up vs SEARLE", r[0], "x", ">= 12x" if "new" in name else "",
+                        f"IQR {r[1]:.1f}-{r[2]:.1f} over {len(base)} rounds; loss max |diff| over {k} steps {diff:.1e}"))
+    fast = median(per_round[names[-2]])
+    total_fast = setup + 350 * fast
+    searle_ms = median(base) * 1e3
+    rows.append(row("b OTI", case, "isearle.oti one-off target encoding + prefix cache (350-step draw)", setup, "s",
+                    "", f"{n_targets} distinct phrase targets, {objective.prefix_cache.distinct} distinct prefixes"))
+    rows.append(row("b OTI", case, "350-step OTI incl. one-off set-up (fp32): speed-up", 350 * median(base) / total_fast,
+                    "x", "", f"{total_fast:.1f} s vs {350 * median(base):.0f} s"))
+    t_name, n_name, b_name = names[-3], names[-2], names[-1]
+    best = max(ratios[n_name][0], ratios[b_name][0])
+    rows.append(goal_row(
+        f"OTI step vs SEARLE's step, {model}, batch {batch}, same losses",
+        f"{ratio_text(ratios[t_name])} ({median(per_round[t_name]) * 1e3:.0f} vs {searle_ms:.0f} ms)",
+        f"fp32 {ratio_text(ratios[n_name])} ({median(per_round[n_name]) * 1e3:.0f} ms); "
+        f"bf16 {ratio_text(ratios[b_name])} ({median(per_round[b_name]) * 1e3:.0f} ms)",
+        ">= 12x", "met" if ratios[n_name][0] >= 12 else ("met with bf16" if best >= 12 else "not met"),
+        "fp32 losses equal to SEARLE's to rounding; bf16 close"))
     return rows
 
 
@@ -206,15 +255,20 @@ def bench_warm_start(phi_path: Path | None = None, steps: int = 350, batch: int 
 def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--model", default="ViT-B-32")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--searle-steps", type=int, default=5, help="SEARLE steps (the first one is not timed)")
-    p.add_argument("--fast-steps", type=int, default=12, help="steps of the faster variants")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 32])
+    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds: 1 SEARLE step, then the others'")
+    p.add_argument("--fast-steps", type=int, default=3, help="steps of each faster variant per round")
+    p.add_argument("--all-variants", action="store_true", help="also SEARLE + truncation, + cached targets")
     p.add_argument("--no-warm-start", action="store_true")
     p.add_argument("--phi", type=Path, default=os.environ.get("ISEARLE_BENCH_PHI"),
                    help="shapes phi for the warm start (default: assets/models/isearle-shapes-phi.safetensors)")
     args = p.parse_args(argv)
     setup_threads()
-    rows = bench_steps(args.model, args.batch, args.searle_steps, args.fast_steps)
+    check_load("bench b: ")
+    rows = []
+    for batch in args.batches:
+        rows += bench_steps(args.model, batch, args.rounds, args.fast_steps, args.all_variants)
+        check_load("bench b: ")
     if not args.no_warm_start:
         log("bench b: warm start (shapes world)")
         rows += bench_warm_start(args.phi)
@@ -222,4 +276,4 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
 
 if __name__ == "__main__":
-    print_table(main(), "b. OTI steps per second")
+    finish(main(), "b. OTI steps per second")

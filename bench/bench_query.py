@@ -4,8 +4,9 @@ ViT-B-32 architecture (random weights), a phi of SEARLE's shape, 100k gallery ve
 clustered random unit vectors) in the default index for that size (HNSW) and, for comparison, in
 an exact flat index. Warm: a cached reference image and a new caption each time (one truncated
 text-encoder pass with S* + one index search). Cold: a new 640x480 upload each time (hash,
-preprocess, image encoder, phi, text encoder, search). Goals on 2 cores: warm p50 <= 15 ms, cold
-p50 <= 200 ms.
+preprocess, image encoder, phi, text encoder, search). Today's path (fp32 Retriever) and the new
+one (`--precision`, default auto: bf16 where faster and agreeing; also with 1 torch thread) are
+timed interleaved. Goals on 2 idle cores: warm p50 <= 12 ms, cold p50 <= 70 ms.
 """
 
 from __future__ import annotations
@@ -15,7 +16,23 @@ import time
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import SHARED, Row, log, median, percentile, print_table, row, setup_threads
+from bench.common import (
+    SHARED,
+    Row,
+    cached_index_dir,
+    check_load,
+    finish,
+    goal_row,
+    interleaved,
+    log,
+    median,
+    percentile,
+    ratio,
+    ratio_text,
+    row,
+    setup_threads,
+)
+from isearle.precision import add_precision_argument
 
 GALLERY = 100_000
 SUFFIXES = ["", " and smaller", " on a white background", " but twice as big", " seen from above",
@@ -23,16 +40,21 @@ SUFFIXES = ["", " and smaller", " on a white background", " but twice as big", "
 
 
 def gallery_index(kind: str):
-    """The 100k gallery of bench d (reused when run_all ran it first), else built here."""
+    """The gallery of bench d (read from run_all's cache folder when d saved it there), else built here."""
     key = f"index_{kind}_{GALLERY}"
     if key not in SHARED:
         from bench.bench_search import unit_vectors
         from isearle.index import GalleryIndex, IndexConfig
 
-        log(f"bench c: building the {GALLERY:,}-vector {kind} gallery")
-        x = unit_vectors(GALLERY)
-        SHARED[key] = GalleryIndex.build(x, [str(i) for i in range(GALLERY)], None, IndexConfig(kind=kind),
-                                         {"model": "random", "pretrained": None})
+        saved = cached_index_dir(kind, GALLERY)
+        if saved is not None and (saved / "index.json").is_file():
+            log(f"bench c: loading bench d's {GALLERY:,}-vector {kind} gallery")
+            SHARED[key] = GalleryIndex.load(saved, mmap=False)
+        else:
+            log(f"bench c: building the {GALLERY:,}-vector {kind} gallery")
+            x = unit_vectors(GALLERY)
+            SHARED[key] = GalleryIndex.build(x, [str(i) for i in range(GALLERY)], None, IndexConfig(kind=kind),
+                                             {"model": "random", "pretrained": None})
     return SHARED[key]
 
 
@@ -40,12 +62,32 @@ def percentiles(times: list[float]) -> tuple[float, float]:
     return median(times) * 1e3, percentile(times, 95) * 1e3
 
 
+def with_threads(n: int, fn):
+    """fn run with n torch threads (restored after)."""
+    import torch
+
+    def run():
+        before = torch.get_num_threads()
+        torch.set_num_threads(n)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(before)
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> list[Row]:
+    global GALLERY  # the size gallery_index() builds or loads  # noqa: PLW0603
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--warm", type=int, default=40, help="warm queries (new caption each)")
-    p.add_argument("--cold", type=int, default=15, help="cold queries (new image each)")
+    p.add_argument("--warm", type=int, default=40, help="warm queries per side (new caption each)")
+    p.add_argument("--cold", type=int, default=12, help="cold queries per side (new image each)")
+    p.add_argument("--gallery", type=int, default=GALLERY, help="gallery size (bench d's when run_all ran it)")
+    add_precision_argument(p)
     args = p.parse_args(argv)
+    GALLERY = args.gallery
     threads = setup_threads()
+    check_load("bench c: ")
 
     import numpy as np
     import torch
@@ -66,66 +108,66 @@ def main(argv: list[str] | None = None) -> list[Row]:
     def upload() -> Image.Image:
         return Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8))
 
-    rows: list[Row] = []
-    case = f"ViT-B-32, {GALLERY // 1000}k gallery, torch {threads} threads, FAISS 1"
-    results = {}
-    for kind in ("hnsw", "flat"):
-        index = gallery_index(kind)
-        retriever = Retriever(backbone, index, phi)
-        reference = upload()
-        retriever.query(reference, "is blue", k=10)  # caches the reference, warms kernels up
-        warm = []
-        for i in range(args.warm):
-            t = time.perf_counter()
-            retriever.query(reference, captions[i % len(captions)] + ("" if i < len(captions) else f" {i}"), k=10)
-            warm.append(time.perf_counter() - t)
-        results[kind] = percentiles(warm)
-        log(f"bench c: warm {kind} p50 {results[kind][0]:.1f} ms")
-        if kind == "hnsw" and threads > 1:  # a shared machine may give this process less than its quota
-            torch.set_num_threads(1)
-            one = []
-            for i in range(args.warm):
-                t = time.perf_counter()
-                retriever.query(reference, captions[i % len(captions)] + f" #{i}", k=10)
-                one.append(time.perf_counter() - t)
-            torch.set_num_threads(threads)
-            results["hnsw1"] = percentiles(one)
     index = gallery_index("hnsw")
-    retriever = Retriever(backbone, index, phi)
-    retriever.query(upload(), "is blue", k=10)
-    cold = []
-    for i in range(args.cold):
-        image = upload()
-        t = time.perf_counter()
-        retriever.query(image, captions[i % len(captions)], k=10)
-        cold.append(time.perf_counter() - t)
-    cold_p50, cold_p95 = percentiles(cold)
-    # Where the time goes (same calls as the retriever makes).
+    today = Retriever(backbone, index, phi)  # fp32, as before this issue
+    new = Retriever(backbone, index, phi, precision=args.precision)
+    log(f"bench c: precision {new.precision}")
+    reference = upload()
+    count = iter(range(10**9))
+
+    def warm(retriever: Retriever):
+        return lambda: retriever.query(reference, f"{captions[next(count) % len(captions)]} #{next(count)}", k=10)
+
+    sides = {"today": warm(today), "new": warm(new)}
+    if threads > 1:  # a shared machine may give this process less than its quota
+        sides["new, 1 thread"] = with_threads(1, warm(new))
+    w = interleaved(sides, args.warm, warmup=2)
+    check_load("bench c: after warm queries: ")
+
+    def cold(retriever: Retriever):
+        return lambda: retriever.query(upload(), captions[next(count) % len(captions)], k=10)
+
+    csides = {"today": cold(today), "new": cold(new)}
+    if threads > 1:
+        csides["new, 1 thread"] = with_threads(1, cold(new))
+    c = interleaved(csides, args.cold, warmup=1)
+    # Where the time goes (the calls the retriever makes), fp32 vs the new precision, interleaved.
     token = torch.randn(backbone.token_width) * 0.02
     prompt = fill_template("a photo of $ that {}", captions[3])
+    image = upload()
+    qb = new.query_backbone
     with torch.inference_mode():
-        text = [timed(lambda: encode_with_pseudo_tokens(backbone, [prompt], token)) for _ in range(15)]
-        image = upload()
-        image_t = [timed(lambda: backbone.encode_pil([image])) for _ in range(8)]
+        parts = interleaved({
+            "text fp32": lambda: encode_with_pseudo_tokens(backbone, [prompt], token),
+            f"text {qb.precision}": lambda: encode_with_pseudo_tokens(qb, [prompt], token),
+            "image fp32": lambda: backbone.encode_pil([image]),
+            f"image {qb.precision}": lambda: qb.encode_pil([image]),
+            "preprocess": lambda: backbone.preprocess(image),
+        }, 8)
     query = np.asarray(torch.nn.functional.normalize(torch.randn(1, backbone.embed_dim), dim=-1))
-    search = {}
-    for kind in ("hnsw", "flat"):
-        index = gallery_index(kind)
-        search[kind] = [timed(lambda index=index: index.search(query, 10)) for _ in range(30)]
+    flat = gallery_index("flat")
+    search = interleaved({"hnsw": lambda: index.search(query, 10), "flat": lambda: flat.search(query, 10)}, 30)
 
-    rows.append(row("c query", case, "warm (cached reference, new caption), HNSW: p50", results["hnsw"][0], "ms",
-                    "<= 15 ms", f"p95 {results['hnsw'][1]:.1f} ms"))
-    if "hnsw1" in results:
-        rows.append(row("c query", case, "warm, HNSW, 1 torch thread: p50", results["hnsw1"][0], "ms", "",
-                        f"p95 {results['hnsw1'][1]:.1f} ms"))
-    rows.append(row("c query", case, "warm, exact flat index: p50", results["flat"][0], "ms", "",
-                    f"p95 {results['flat'][1]:.1f} ms"))
-    rows.append(row("c query", case, "cold (new 640x480 upload), HNSW: p50", cold_p50, "ms", "<= 200 ms",
-                    f"p95 {cold_p95:.1f} ms"))
-    rows.append(row("c query", case, "part: text encoder, truncated, 1 prompt", median(text) * 1e3, "ms"))
-    rows.append(row("c query", case, "part: image preprocess + encoder", median(image_t) * 1e3, "ms"))
-    rows.append(row("c query", case, "part: search HNSW", median(search["hnsw"]) * 1e3, "ms"))
-    rows.append(row("c query", case, "part: search flat", median(search["flat"]) * 1e3, "ms"))
+    case = f"ViT-B-32, {GALLERY // 1000}k gallery (HNSW), torch {threads} threads, FAISS 1"
+    rows: list[Row] = []
+    for label, got, goal in (("warm (cached reference, new caption)", w, 12), ("cold (new 640x480 upload)", c, 70)):
+        for side, ts in got.items():
+            p50, p95 = percentiles(ts)
+            rows.append(row("c query", case, f"{label}, {side}: p50", p50, "ms", f"<= {goal} ms" if side == "new" else "",
+                            f"p95 {p95:.1f} ms" + (f"; {new.precision}" if side == "new" else "")))
+        best = min((s for s in got if s != "today"), key=lambda s: median(got[s]))
+        r = ratio(got["today"], got[best])
+        new_p50 = median(got[best]) * 1e3
+        rows.append(goal_row(
+            f"{label.split(' (')[0]} query ({label.split('(')[1][:-1]}), ViT-B-32, {GALLERY // 1000}k gallery, p50",
+            f"{median(got['today']) * 1e3:.1f} ms (fp32, {threads} threads)",
+            f"{new_p50:.1f} ms ({new.precision.precision}, {best.replace('new', '').strip(', ') or f'{threads} threads'}); "
+            f"{ratio_text(r)} faster",
+            f"<= {goal} ms", "met" if new_p50 <= goal else "not met here"))
+    for name, ts in parts.items():
+        rows.append(row("c query", case, f"part: {name}", median(ts) * 1e3, "ms"))
+    for name, ts in search.items():
+        rows.append(row("c query", case, f"part: search {name}", median(ts) * 1e3, "ms"))
     return rows
 
 
@@ -136,4 +178,4 @@ def timed(fn) -> float:
 
 
 if __name__ == "__main__":
-    print_table(main(), "c. composed query latency")
+    finish(main(), "c. composed query latency")

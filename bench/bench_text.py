@@ -1,10 +1,11 @@
-"""Bench a: text encoding of composed-query prompts, truncated context vs the full 77 tokens.
+"""Bench a: text encoding of composed-query prompts: full 77 tokens, truncated fp32, truncated bf16.
 
 The causal text mask makes the end-of-text feature depend only on the positions before it, so
 `isearle.pseudo_word.encode_tokens(truncate=True)` runs the transformer over the prompt's tokens
 only. Prompts: "a photo of $ that <caption>" for the demo's relative captions (assets/examples.json),
 one query at a time as in the demo, with a pseudo-token in place of "$". Random weights (speed only).
-Goal: >= 5x on ViT-B-32 and ViT-L-14.
+The three are timed interleaved (full, fp32, bf16, full, ...); ratios are medians of paired ratios.
+bf16 uses the backbone's bf16 weights copy (`Backbone.with_precision`), as the query path does.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import REPO, Row, log, median, print_table, row, setup_threads, timeit
+from bench.common import REPO, Row, check_load, finish, interleaved, median, ratio, row, setup_threads, timeit
 
 FALLBACK_CAPTIONS = [
     "is blue instead", "has two dogs on a beach", "make the cross orange",
@@ -34,6 +35,8 @@ def demo_captions(limit: int = 8) -> list[str]:
 
 
 def bench_model(name: str, repeat: int) -> list[Row]:
+    """Full 77-token context, truncated fp32 (today) and truncated with the bf16 weights copy (new),
+    timed interleaved on every demo prompt."""
     import torch
 
     from isearle.backbone import load_backbone
@@ -41,30 +44,40 @@ def bench_model(name: str, repeat: int) -> list[Row]:
 
     torch.manual_seed(0)
     backbone = load_backbone(name, None, "cpu")
+    low = backbone.with_precision("bf16")
     prompts = [fill_template("a photo of $ that {}", c) for c in demo_captions()]
     lengths = [int(t.argmax()) + 1 for t in backbone.tokenize(prompts)]
     token = torch.randn(backbone.token_width) * 0.02
-    times: dict[bool, list[float]] = {True: [], False: []}
-    diff = 0.0
+    times: dict[str, list[float]] = {"full": [], "fp32": [], "bf16": []}
+    diff, cos = 0.0, 1.0
     with torch.inference_mode():
         for prompt in prompts:
-            for truncate in (True, False):
-                times[truncate] += timeit(
-                    lambda p=prompt, t=truncate: encode_with_pseudo_tokens(backbone, [p], token, truncate=t),
-                    repeat=repeat)
+            got = interleaved({
+                "full": lambda p=prompt: encode_with_pseudo_tokens(backbone, [p], token, truncate=False),
+                "fp32": lambda p=prompt: encode_with_pseudo_tokens(backbone, [p], token),
+                "bf16": lambda p=prompt: encode_with_pseudo_tokens(low, [p], token),
+            }, repeat)
+            for k, ts in got.items():
+                times[k] += ts
             a = encode_with_pseudo_tokens(backbone, [prompt], token, truncate=True)
             b = encode_with_pseudo_tokens(backbone, [prompt], token, truncate=False)
+            c = encode_with_pseudo_tokens(low, [prompt], token)
             diff = max(diff, float((a - b).abs().max() / b.abs().max()))
-    full, trunc = median(times[False]) * 1e3, median(times[True]) * 1e3
+            cos = min(cos, float(torch.nn.functional.cosine_similarity(a, c)))
+    full, trunc, bf16 = (median(times[k]) * 1e3 for k in ("full", "fp32", "bf16"))
     t0, per_token = cost_model(backbone, token, repeat)
     typical = sorted(lengths)[len(lengths) // 2]
     case = f"{name}, {len(prompts)} demo prompts ({min(lengths)}-{max(lengths)} tokens), batch 1"
     bound = (t0 + per_token * 77) / (t0 + per_token * typical)
+    r_trunc, r_bf16 = ratio(times["full"], times["fp32"]), ratio(times["fp32"], times["bf16"])
     return [
-        row("a text", case, "full 77-token context", full, "ms"),
-        row("a text", case, "truncated context", trunc, "ms"),
-        row("a text", case, "speed-up", full / trunc, "x", ">= 5x", f"max rel. feature diff {diff:.1e}"),
-        row("a text", case, "fixed cost per pass t0 (fit t = t0 + c L)", t0, "ms", "",
+        row("a text", case, "full 77-token context, fp32", full, "ms"),
+        row("a text", case, "truncated context, fp32 (today)", trunc, "ms"),
+        row("a text", case, "truncated, bf16 weights (new)", bf16, "ms", "", f"min cosine to fp32 {cos:.5f}"),
+        row("a text", case, "speed-up of truncation (fp32)", r_trunc[0], "x", "",
+            f"IQR {r_trunc[1]:.2f}-{r_trunc[2]:.2f}; max rel. feature diff {diff:.1e}"),
+        row("a text", case, "speed-up of bf16 (truncated)", r_bf16[0], "x", "", f"IQR {r_bf16[1]:.2f}-{r_bf16[2]:.2f}"),
+        row("a text", case, "fixed cost per pass t0 (fit t = t0 + c L, fp32)", t0, "ms", "",
             f"c = {per_token:.2f} ms/token; bound t(77)/t({typical}) = {bound:.1f}x"),
     ]
 
@@ -100,10 +113,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     setup_threads()
     rows: list[Row] = []
     for name in args.models:
-        log(f"bench a: {name}")
+        check_load(f"bench a: {name}: ")
         rows += bench_model(name, args.repeat)
     return rows
 
 
 if __name__ == "__main__":
-    print_table(main(), "a. text encoding: truncated vs full context")
+    finish(main(), "a. text encoding: truncated vs full context")

@@ -1,11 +1,14 @@
-"""Shared helpers of the benchmarks: thread set-up, timing, result rows and the printed table.
+"""Shared helpers of the benchmarks: thread set-up, interleaved timing, result rows and tables.
 
 Every benchmark returns rows {"bench", "case", "metric", "value", "unit", "goal", "note"} measured
-in the same run; `print_table` prints them, `run_all.py` collects all of them into one table.
+in the same run, plus "goal rows" (`goal_row`): the issue's table, one line per case with today's
+path, the new path, their interleaved ratio and the goal. `finish` prints both; `run_all.py` runs
+each benchmark in its own process and collects the rows into one table.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -27,9 +30,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 Row = dict[str, Any]
 
-#: Objects built by one benchmark and reused by another in the same process (run_all.py), e.g. the
-#: 100k-vector HNSW index of bench_search for bench_query. A cache, so module state is fine here.
+#: Objects built once and reused within one benchmark process. A cache, so module state is fine here.
 SHARED: dict[str, Any] = {}
+#: Folder (set by run_all.py) where a benchmark leaves data for a later one, e.g. bench d's 100k index.
+CACHE_ENV = "ISEARLE_BENCH_CACHE"
+
+
+def cached_index_dir(kind: str, n: int) -> Path | None:
+    """Where bench d leaves its n-vector `kind` index for bench c (None when run alone)."""
+    root = os.environ.get(CACHE_ENV)
+    return Path(root) / f"{kind}_{n}" if root else None
 
 
 def setup_threads() -> int:
@@ -49,6 +59,26 @@ def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
         fn()
         times.append(time.perf_counter() - t)
     return times
+
+
+def interleaved(sides: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so both see the same load."""
+    for _ in range(warmup):
+        for fn in sides.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(repeat):
+        for name, fn in sides.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def ratio(slow: list[float], fast: list[float]) -> tuple[float, float, float]:
+    """Median of the paired ratios slow_i / fast_i and their 25th-75th percentile (the spread)."""
+    pairs = [a / b for a, b in zip(slow, fast, strict=False) if b > 0]
+    return median(pairs), percentile(pairs, 25), percentile(pairs, 75)
 
 
 def median(xs: list[float]) -> float:
@@ -100,10 +130,76 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def goal_row(case: str, today: str, new: str, goal: str, verdict: str, note: str = "") -> Row:
+    """One line of the issue's table: the case, today's path and the new one measured in the same
+    process (interleaved), the goal and whether it is met."""
+    return {"bench": "goal", "case": case, "today": today, "new": new, "goal": goal, "verdict": verdict,
+            "note": note, "load": load_line()}
+
+
+def ratio_text(r: tuple[float, float, float]) -> str:
+    return f"{r[0]:.2f}x (IQR {r[1]:.2f}-{r[2]:.2f})"
+
+
+def goal_table(rows: list[Row]) -> str:
+    """The issue's table (Markdown) from the goal rows among `rows`."""
+    lines = ["| case | today's path | new path | goal | verdict | load (1/5/15 min) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("bench") == "goal":
+            note = f" ({r['note']})" if r.get("note") else ""
+            lines.append(f"| {r['case']} | {r['today']} | {r['new']} | {r['goal']} | {r['verdict']}{note} | {r['load']} |")
+    return "\n".join(lines)
+
+
 def print_table(rows: list[Row], title: str = "") -> None:
     if title:
         print(f"\n## {title}\n")
-    print(table(rows), flush=True)
+    goals = [r for r in rows if r.get("bench") == "goal"]
+    if goals:
+        print(goal_table(goals) + "\n", flush=True)
+    print(table([r for r in rows if r.get("bench") != "goal"]), flush=True)
+
+
+#: When set (by run_all.py), a benchmark run as a script also writes its rows to this JSON file.
+ROWS_ENV = "ISEARLE_BENCH_ROWS"
+
+
+def finish(rows: list[Row], title: str) -> None:
+    """End of a benchmark script: print its tables; hand the rows to run_all.py when it asks."""
+    print_table(rows, title)
+    out = os.environ.get(ROWS_ENV)
+    if out:
+        Path(out).write_text(json.dumps(rows))
+
+
+def cpu_flags() -> str:
+    """The CPU's bf16/AMX flags (what `--precision auto` can use), e.g. "avx512_bf16 (no AMX)"."""
+    from isearle.precision import cpu_features
+
+    f = cpu_features()
+    have = [k for k in ("avx512_bf16", "amx_bf16", "amx_tile") if f.get(k)]
+    amx = "" if f.get("amx_bf16") else " (no AMX)"
+    return (", ".join(have) or "no bf16 instructions") + amx + f"; oneDNN bf16 {'yes' if f.get('onednn_bf16') else 'no'}"
+
+
+def load_line() -> str:
+    """The machine's load average now, e.g. "1.2/0.9/0.8 on 2 cores"."""
+    from isearle.runtime import cpu_quota
+
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()) + f" on {cpu_quota()} cores"
+
+
+def check_load(what: str = "") -> str:
+    """Log the load (and warn when it exceeds the cores: absolute times are then inflated)."""
+    from isearle.runtime import cpu_quota
+
+    line = load_line()
+    busy = hasattr(os, "getloadavg") and os.getloadavg()[0] > cpu_quota()
+    log(f"{what}load {line}" + ("  WARNING: load > cores, absolute times are inflated; trust the ratios"
+                               if busy else ""))
+    return line
 
 
 def machine() -> str:
@@ -131,8 +227,9 @@ def machine() -> str:
 
     from isearle.runtime import cpu_quota
 
-    return (f"{cpu}, {cpu_quota()} cores for this process{mem}{load}; Python {platform.python_version()}, "
-            f"torch {torch.__version__}, faiss {faiss.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    return (f"{cpu} ({cpu_flags()}), {cpu_quota()} cores for this process{mem}{load}; "
+            f"Python {platform.python_version()}, torch {torch.__version__}, faiss {faiss.__version__}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
 
 def log(msg: str) -> None:

@@ -40,7 +40,7 @@ from isearle.paths import REPO_DIR
 from isearle.runtime import set_threads
 
 log = logging.getLogger(__name__)
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
+KINDS = ("auto", "flat", "hnsw", "ivfpq", "ivfsq")
 INDEX_FILE, INFO_FILE, ITEMS_FILE = "index.faiss", "index.json", "items.json"
 #: 2: index.json records each file's size and SHA-256 ("files"); 1 (no records) is still read.
 FORMAT_VERSION = 2
@@ -58,15 +58,18 @@ class BackboneMismatch(ArtifactError):
 class IndexConfig:
     """Which FAISS structure holds the gallery, and its build and search parameters.
 
-    kind: "flat" (exact), "hnsw" or "ivfpq" (approximate), or "auto": flat up to `flat_threshold`
-    vectors, then `approximate`. The default threshold keeps one exact single-threaded query at
-    about 5 ms on a 2-core machine (flat search is memory-bound: ~10 ms at 100k 512-d vectors, see
-    docs/performance.md), which leaves room for the text encoder in a 15 ms interactive query.
+    kind: "flat" (exact), "hnsw", "ivfpq" or "ivfsq" (approximate), or "auto": by size, flat up to
+    `flat_threshold` vectors, then `approximate` up to `large_threshold`, then "ivfsq". The flat
+    threshold keeps one exact single-threaded query at about 5 ms on a 2-core machine (flat search
+    is memory-bound: ~10 ms at 100k 512-d vectors); HNSW stores the vectors and a graph (~2.3 KB per
+    512-d vector) and builds slowly, so large galleries go to IVF-SQ8 (one byte per dimension, every
+    probed list scanned: recall and build time measured at 1M in bench/bench_search.py).
     """
 
     kind: str = "auto"
     flat_threshold: int = 50_000
     approximate: str = "hnsw"
+    large_threshold: int = 250_000
     hnsw_m: int = 32
     hnsw_ef_construction: int = 40
     hnsw_ef_search: int = 64
@@ -83,8 +86,14 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}: use one of {', '.join(KINDS)}")
-        if self.approximate not in ("hnsw", "ivfpq"):
-            raise ValueError(f"approximate must be 'hnsw' or 'ivfpq', not {self.approximate!r}")
+        if self.approximate not in ("hnsw", "ivfpq", "ivfsq"):
+            raise ValueError(f"approximate must be 'hnsw', 'ivfpq' or 'ivfsq', not {self.approximate!r}")
+
+    def auto_kind(self, n: int) -> str:
+        """The structure "auto" uses for n vectors."""
+        if n <= self.flat_threshold:
+            return "flat"
+        return self.approximate if n <= self.large_threshold else "ivfsq"
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> IndexConfig:
@@ -137,7 +146,7 @@ class GalleryIndex:
         self.ids: list[str] = []
         self.metadata: dict[str, dict] = {}
         self._row: dict[str, int] = {}
-        self.kind = "hnsw" if self.config.kind == "hnsw" else "flat" if self.config.kind in ("flat", "auto") else "ivfpq"
+        self.kind = "flat" if self.config.kind == "auto" else self.config.kind
         self._index: faiss.Index | None = self._new_flat() if self.kind == "flat" else None
         self._lock = threading.RLock()
         self._view_of: Path | None = None  # set when the FAISS data is a read-only memory map
@@ -158,7 +167,7 @@ class GalleryIndex:
         return faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
 
     def _new_approximate(self, kind: str, train: np.ndarray) -> faiss.Index:
-        """An empty HNSW or trained IVF-PQ index (IVF-PQ trains on `train`)."""
+        """An empty HNSW or a trained IVF-PQ / IVF-SQ8 index (IVF trains on `train`)."""
         cfg = self.config
         if kind == "hnsw":
             hnsw = faiss.IndexHNSWFlat(self.dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
@@ -166,16 +175,20 @@ class GalleryIndex:
             return faiss.IndexIDMap2(hnsw)
         n = train.shape[0]
         if n < 256:
-            raise ValueError(f"IVF-PQ needs at least 256 vectors to train its codebooks, got {n}: use kind 'flat'")
-        if self.dim % cfg.pq_m:
+            raise ValueError(f"IVF needs at least 256 vectors to train its lists, got {n}: use kind 'flat'")
+        if kind == "ivfpq" and self.dim % cfg.pq_m:
             raise ValueError(f"pq_m={cfg.pq_m} must divide the feature size {self.dim}")
         nlist = cfg.ivf_nlist or int(math.sqrt(n))
         nlist = max(1, min(nlist, n // 39))
-        spec = f"IVF{nlist},PQ{cfg.pq_m}" + (f",Refine({cfg.refine})" if cfg.refine else "")
+        if kind == "ivfsq":
+            spec = f"IVF{nlist},SQ8"
+        else:
+            spec = f"IVF{nlist},PQ{cfg.pq_m}" + (f",Refine({cfg.refine})" if cfg.refine else "")
         inner = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
-        # The factory turns on polysemous training (a Hamming-filter codebook reordering, ~10x the
-        # training time) that only pays off with polysemous search, which is not used here.
-        faiss.downcast_index(faiss.extract_index_ivf(inner)).do_polysemous_training = False
+        if kind == "ivfpq":
+            # The factory turns on polysemous training (a Hamming-filter codebook reordering, ~10x the
+            # training time) that only pays off with polysemous search, which is not used here.
+            faiss.downcast_index(faiss.extract_index_ivf(inner)).do_polysemous_training = False
         sample = train
         if n > 64 * nlist:  # 64 points per list train k-means well; subsample reproducibly
             sample = train[np.sort(np.random.default_rng(0).choice(n, 64 * nlist, replace=False))]
@@ -225,7 +238,7 @@ class GalleryIndex:
             metadata: Sequence[Mapping[str, Any]] | Mapping[Any, Mapping[str, Any]] | None = None) -> None:
         """Append vectors with new, unique ids (str() of what is given) and their metadata dicts.
 
-        With kind "auto", crossing `flat_threshold` converts the flat index to the approximate one.
+        With kind "auto", crossing a size threshold rebuilds the index as the kind for the new size.
         """
         x = _as_matrix(features, self.dim)
         ids = [str(i) for i in ids]
@@ -248,8 +261,8 @@ class GalleryIndex:
             self._own()
             with _faiss_threads(len(ids)):
                 start, total = len(self.ids), len(self.ids) + len(ids)
-                if self.config.kind == "auto" and self.kind == "flat" and total > self.config.flat_threshold:
-                    self._convert(self.config.approximate, x)
+                if self.config.kind == "auto" and self.config.auto_kind(total) != self.kind:
+                    self._convert(self.config.auto_kind(total), x)
                 elif self._index is None:  # explicit approximate kind, first add: train (IVF-PQ) on it
                     self._convert(self.kind, x)
                 else:
@@ -383,7 +396,7 @@ class GalleryIndex:
         if index._index.ntotal != len(index.ids) or index._index.d != index.dim:
             raise ArtifactError(path, f"does not match its items ({index._index.ntotal} {index._index.d}-d "
                                 f"vectors, {len(index.ids)} {index.dim}-d items)", remedy)
-        if index._index.ntotal == 0 and index.config.kind in ("hnsw", "ivfpq"):
+        if index._index.ntotal == 0 and index.config.kind in ("hnsw", "ivfpq", "ivfsq"):
             index._index, index._view_of, index.kind = None, None, index.config.kind  # built on first add
         index.apply_search_params()
         return index

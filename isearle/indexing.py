@@ -78,6 +78,7 @@ def build_gallery_index(
     thumbnails: str | Path | None = None,
     index: GalleryIndex | None = None,
     checkpoint: str | Path | None = None,
+    draft: bool = False,
 ) -> GalleryIndex:
     """Embed (id, image, metadata) triples and index them (into `index` when given: incremental;
     ids it already holds are skipped).
@@ -88,6 +89,8 @@ def build_gallery_index(
     which `thumbs/` receives JPEGs for items without a file path (their metadata gets "thumbnail").
     With `checkpoint` (a folder), every embedded batch is kept there (`isearle.artifacts.Progress`):
     a run killed at any moment resumes at the first missing batch and gives the same index.
+    `draft`: JPEG files decoded at the reduced size the model needs (`open_image`); a bf16 backbone
+    (`Backbone.with_precision`) encodes in bf16.
     """
     items, index = items_and_index(backbone, images, index, config)
     writer = None
@@ -116,7 +119,8 @@ def build_gallery_index(
             index.add(feats, [items[r][0] for r in rows], metas)
 
     embedded = embed_images(backbone, [source for _, source, _ in items], num_workers=num_workers, progress=progress,
-                            desc="index", skip_unreadable=True, on_image=writer, batches=[batches[b] for b in todo])
+                            desc="index", skip_unreadable=True, on_image=writer, batches=[batches[b] for b in todo],
+                            draft=backbone.image_size if draft else None)
     for b, (rows, feats, bad) in zip(todo, embedded, strict=True):
         feats = F.normalize(feats, dim=-1) if feats is not None else torch.zeros(0, backbone.embed_dim)
         if done is None:

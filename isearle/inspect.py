@@ -116,7 +116,9 @@ def rank_features(insp: Inspector, features: torch.Tensor, k: int, exclude: Sequ
 def rank(insp: Inspector, token: torch.Tensor, caption: str | None, k: int = 10,
          exclude: Sequence[str] = ()) -> list[Hit]:
     """The gallery's top-k for "a photo of S* that {caption}" (S* alone for no caption)."""
-    return rank_features(insp, token_features(insp.backbone, token, [prompt(insp, caption)]), k, exclude)[0]
+    # the query path's backbone (bf16 copy under --precision bf16/auto): ranks exactly as a search does
+    query = token_features(insp.retriever.query_backbone, token, [prompt(insp, caption)])
+    return rank_features(insp, query, k, exclude)[0]
 
 
 def overlap(a: Sequence[Hit], b: Sequence[Hit], k: int | None = None) -> float:
@@ -276,7 +278,7 @@ def word_effects(insp: Inspector, token: torch.Tensor, caption: str, k: int = 10
     else:
         variants = [(w, i, " ".join(parts[:i] + parts[i + 1:])) for i, w in enumerate(parts)]
     prompts = [prompt(insp, caption)] + [fill_template(insp.retriever.template, v) for _, _, v in variants]
-    feats = token_features(insp.backbone, token, prompts)
+    feats = token_features(insp.retriever.query_backbone, token, prompts)
     depth = max(k, min(depth, len(insp.retriever.index)))
     rankings = rank_features(insp, feats, depth, exclude)
     base = rankings[0][:k]

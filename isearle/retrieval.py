@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from isearle.backbone import Backbone
 from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
+from isearle.precision import PrecisionChoice, bf16_native, choose
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
 
 METHODS = ("image", "text", "image+text", "oti", "phi")
@@ -92,6 +93,10 @@ class LRUCache:
     def __len__(self) -> int:
         return len(self._data)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
 
 def image_key(image: Image.Image) -> str:
     """Content hash of an image's pixels (same picture, same key, whatever its file name)."""
@@ -112,22 +117,62 @@ class Hit:
 
 
 class Retriever:
-    """Cached composed retrieval over a gallery index (CLI `query` and the demo)."""
+    """Cached composed retrieval over a gallery index (CLI `query` and the demo).
+
+    Queries are encoded by `query_backbone` (the backbone itself, or its bf16 copy after
+    `set_precision`); OTI always optimises with the fp32 `backbone`.
+    """
 
     def __init__(self, backbone: Backbone, index: Any, phi: Phi | None = None,
-                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256) -> None:
+                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256, precision: str = "fp32") -> None:
         self.backbone, self.index, self.template = backbone, index, template
+        self.query_backbone = backbone
+        self.precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")
         self.phi = phi.to(backbone.device).eval() if phi is not None else None
         self.features = LRUCache(cache_size)  # image key -> un-normalised image feature [D]
         self.tokens = LRUCache(cache_size)  # (image key, method, steps) -> pseudo-token [W]
         self.texts = LRUCache(4 * cache_size)  # caption -> normalised text feature [D]
         self.queries = LRUCache(4 * cache_size)  # (image key, method, steps, caption) -> query feature [D]
+        if precision != "fp32":
+            self.set_precision(precision)
+
+    def set_precision(self, requested: str, image: Image.Image | None = None) -> PrecisionChoice:
+        """Encode queries in fp32 or bf16; "auto" measures both on a warm-up query (`precision.choose`).
+
+        The query measured is the warm path: the template with the reference's S* (phi's, or the
+        token of "thing" without phi) and a caption, one truncated text pass.
+        """
+        low: list[Backbone] = []
+
+        def in_precision(p: str) -> Backbone:
+            if p == "fp32":
+                return self.backbone
+            if not low:
+                low.append(self.backbone.with_precision(p))
+            return low[0]
+
+        def encode(p: str) -> torch.Tensor:
+            return encode_with_pseudo_tokens(in_precision(p), [prompt], token)
+
+        with torch.inference_mode():
+            if requested == "auto":
+                image = image or Image.new("RGB", (self.backbone.image_size,) * 2, "gray")
+                feats = self.backbone.encode_pil([image])
+                token = (self.phi(feats)[0] if self.phi is not None else
+                         self.backbone.token_embedding(self.backbone.tokenize(["thing"])[0, 1]))
+                prompt = fill_template(self.template, "is blue and twice as big")
+            choice = choose(requested, encode, bf16_native(self.backbone.device))
+        self.query_backbone = in_precision(choice.precision)
+        self.precision = choice
+        for cache in (self.features, self.tokens, self.texts, self.queries):  # of the other precision
+            cache.clear()
+        return choice
 
     def image_features(self, image: Image.Image) -> tuple[str, torch.Tensor]:
         key = image_key(image)
         feats = self.features.get(key)
         if feats is None:
-            feats = self.backbone.encode_pil([image])[0]
+            feats = self.query_backbone.encode_pil([image])[0]
             self.features.put(key, feats)
         return key, feats
 
@@ -198,7 +243,7 @@ class Retriever:
     def text_feature(self, caption: str) -> torch.Tensor:
         feat = self.texts.get(caption)
         if feat is None:
-            feat = F.normalize(self.backbone.encode_texts([caption]), dim=-1)[0]
+            feat = F.normalize(self.query_backbone.encode_texts([caption]), dim=-1)[0]
             self.texts.put(caption, feat)
         return feat
 
@@ -226,7 +271,7 @@ class Retriever:
             return F.normalize(F.normalize(feats, dim=-1) + self.text_feature(caption), dim=-1)
         token = self.pseudo_token(image, method, oti, progress)
         prompt = fill_template(self.template, caption)
-        return F.normalize(encode_with_pseudo_tokens(self.backbone, [prompt], token), dim=-1)[0]
+        return F.normalize(encode_with_pseudo_tokens(self.query_backbone, [prompt], token), dim=-1)[0]
 
     def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
         return rank(self.index, query, k, exclude)

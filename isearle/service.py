@@ -44,11 +44,12 @@ class Service:
 
 def load_service(gallery: str | Path = "gallery_index", model: str | None = None, pretrained: str | None = None,
                  phi: str | None = None, device: str | None = None, cache_size: int = 256,
-                 backbone: Backbone | None = None) -> Service:
+                 backbone: Backbone | None = None, precision: str = "fp32") -> Service:
     """Open a gallery index, the backbone that embedded it (or `backbone`, checked) and a phi.
 
     `phi` names one ("searle", "searle-xl", a checkpoint); by default the backbone's own, if it can
-    be had. Raises FileNotFoundError / ValueError / WeightsUnavailable with what to do.
+    be had. `precision` is the query path's ("auto" measures fp32 and bf16 on a warm-up query, see
+    `isearle.precision`; OTI stays fp32). Raises FileNotFoundError / ValueError / WeightsUnavailable.
     """
     from isearle.index import GalleryIndex
 
@@ -65,4 +66,4 @@ def load_service(gallery: str | Path = "gallery_index", model: str | None = None
                              f"not {model}/{pretrained}: rebuild it with `isearle index --model {model}`")
         backbone = load_backbone(model, pretrained, device)
     phi_net, phi_name = resolve_phi(backbone, phi)
-    return Service(Retriever(backbone, index, phi_net, cache_size=cache_size), phi_name)
+    return Service(Retriever(backbone, index, phi_net, cache_size=cache_size, precision=precision), phi_name)

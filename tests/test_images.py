@@ -319,3 +319,20 @@ def test_image_key_is_a_content_hash():
     assert image_key(a) != image_key(Image.new("RGB", (4, 16), "red"))
     assert image_key(a) != image_key(a.convert("RGBA"))
 
+
+
+def test_jpeg_draft_decodes_at_the_reduced_size_the_model_needs(tmp_path):
+    """draft=224 decodes a 640x480 JPEG at 1/2 scale (320x240: both sides >= 224, 1/4 would not be);
+    other formats and draft=None decode at full size; the picture stays the same picture."""
+
+    from isearle.images import open_image
+
+    yy, xx = np.mgrid[0:480, 0:640]
+    pixels = np.stack([xx % 256, yy % 256, (xx + yy) % 256], -1).astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "a.jpg", quality=95)
+    Image.fromarray(pixels).save(tmp_path / "a.png")
+    full, small = open_image(tmp_path / "a.jpg"), open_image(tmp_path / "a.jpg", draft=224)
+    assert full.size == (640, 480) and small.size == (320, 240) and small.mode == "RGB"
+    assert open_image(tmp_path / "a.png", draft=224).size == (640, 480)
+    ref = np.asarray(full.resize((320, 240), Image.BILINEAR), dtype=np.float32)
+    assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 12  # same content, downscaled

@@ -190,3 +190,50 @@ def test_cli_index_shapes_keeps_scene_specs(tmp_path):
     index = GalleryIndex.load(out, expect_backbone=("isearle-tiny-test", None))
     assert len(index) == 5
     assert all("objects" in index.metadata[i]["spec"] for i in index.ids)
+
+
+def clustered(n: int, d: int, seed: int = 0, centres: int = 20) -> np.ndarray:
+    """Points around random centres (like image features: neighbourhoods exist)."""
+    rng = np.random.default_rng(seed)
+    c = np.random.default_rng(99).standard_normal((centres, d)).astype(np.float32)
+    x = c[rng.integers(0, centres, n)] + rng.standard_normal((n, d)).astype(np.float32) * 0.5
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_auto_picks_by_size_flat_then_hnsw_then_ivfsq(tmp_path):
+    """kind auto: flat up to flat_threshold, the approximate kind up to large_threshold, IVF-SQ8 above
+    (one byte per dimension: the file shrinks below the vectors' fp32 size), recall kept, reloadable."""
+    x, q = clustered(6000, 32), clustered(40, 32, seed=1)
+    ids = [f"v{i}" for i in range(6000)]
+    cfg = IndexConfig(kind="auto", flat_threshold=1000, large_threshold=3000, ivf_nprobe=16)
+    assert [cfg.auto_kind(n) for n in (1000, 1001, 3000, 3001)] == ["flat", "hnsw", "hnsw", "ivfsq"]
+    index = GalleryIndex(32, cfg, INFO)
+    kinds = []
+    for s in range(0, 6000, 1000):
+        index.add(x[s : s + 1000], ids[s : s + 1000])
+        kinds.append(index.kind)
+    assert kinds == ["flat", "hnsw", "hnsw", "ivfsq", "ivfsq", "ivfsq"] and len(index) == 6000
+    got = [{i for i, _ in row} for row in index.search(q, 10)]
+    want = [{ids[j] for j in row} for row in exact_top(x, q, 10)]
+    assert np.mean([len(g & w) / 10 for g, w in zip(got, want, strict=True)]) >= 0.95
+    index.save(tmp_path)
+    assert (tmp_path / "index.faiss").stat().st_size < 6000 * 32 * 4 * 0.5  # SQ8 codes, not fp32 vectors
+    loaded = GalleryIndex.load(tmp_path)
+    assert loaded.kind == "ivfsq" and loaded.search(q, 10) == index.search(q, 10)
+
+
+def test_draft_decoding_and_bf16_encoding_stay_close_to_the_plain_gallery(tiny, tmp_path):
+    """build_gallery_index(draft=True) with a bf16 backbone: JPEG files decoded at reduced size,
+    encoded in bf16; the gallery vectors stay within cosine 0.99 of the plain fp32 ones."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:480, 0:640].astype(np.float32)
+    items = []
+    for i in range(4):
+        base = np.stack([np.sin(xx / (30 + 10 * i)), np.cos(yy / 40), np.sin((xx + yy) / 70)], -1)
+        pixels = np.clip(127 + 100 * base + rng.normal(0, 8, base.shape), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"{i}.jpg", quality=90)
+        items.append((str(i), tmp_path / f"{i}.jpg", {}))
+    plain = build_gallery_index(tiny, items, 4, progress=False).vectors()
+    fast = build_gallery_index(tiny.with_precision("bf16"), items, 4, progress=False, draft=True).vectors()
+    cos = (plain * fast).sum(1)
+    assert cos.min() > 0.99 and np.abs(plain - fast).max() > 1e-4, cos  # close, and not the same path

@@ -85,12 +85,13 @@ class DemoEngine:
 
     def __init__(self, entries: Sequence[GalleryEntry], device: str | None = None, cache_size: int = 256,
                  thumbs_dir: str | Path | None = None, examples: Examples | None = None,
-                 benchmark_dir: str | Path | None = None) -> None:
+                 benchmark_dir: str | Path | None = None, precision: str = "fp32") -> None:
         if not entries:
             raise ValueError("no gallery configured")
         self.entries = {e.key: e for e in entries}
         self.default_key = entries[0].key
         self.device, self.cache_size = device, cache_size
+        self.precision = precision  # of the query path; "auto" is measured once per loaded model
         self.thumbs = ThumbnailCache(thumbs_dir or Path(tempfile.gettempdir()) / "isearle-demo")
         self.examples = examples
         self.truth = GroundTruth.load(benchmark_dir, examples)
@@ -114,6 +115,8 @@ class DemoEngine:
         with self._load_lock:
             if key not in self._loaded:
                 service = open_service(self.entries[key], self.device, self.cache_size, progress)
+                if self.precision != "fp32":
+                    service.retriever.set_precision(self.precision)
                 self._loaded[key] = Loaded(self.entries[key], service)
             return self._loaded[key]
 
@@ -140,7 +143,8 @@ class DemoEngine:
                 problems.append(f"no gallery index in {entry.directory}")
         engine = None
         while entries:
-            engine = cls(entries, args.device, args.cache_size, examples=load_examples(args.examples))
+            engine = cls(entries, args.device, args.cache_size, examples=load_examples(args.examples),
+                         precision=getattr(args, "precision", "fp32"))
             try:
                 engine.warm_up() if warm else engine.load()
                 break
@@ -334,7 +338,8 @@ class DemoEngine:
                 "methods": (["phi"] if loaded.service.phi is not None else []) + ["oti"],
                 "phi": loaded.service.phi_name, "gallery_size": len(loaded.service.index),
                 "context_length": loaded.backbone.context_length, "benchmark": loaded.benchmark,
-                "trained_vocabulary": loaded.trained is not None}
+                "trained_vocabulary": loaded.trained is not None,
+                "precision": str(loaded.service.retriever.precision)}
 
     def captions(self, key: str | None = None) -> list[str]:
         """Example captions suited to the entry's world."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from isearle.demo.examples import EXAMPLES_PATH
 from isearle.demo.galleries import GalleryEntry, hub_gallery_dir
+from isearle.precision import DEFAULT_PRECISION, PRECISION_HELP, parse_precision
 
 DEFAULT_OTI_STEPS = 150
 
@@ -40,6 +41,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--phi", "ISEARLE_PHI", None,
             "phi of the default backbone: searle, searle-xl or a checkpoint (default: the backbone's own)"),
     Setting("--device", "ISEARLE_DEVICE", None, "cuda or cpu (default: cuda when available)"),
+    Setting("--precision", "ISEARLE_PRECISION", DEFAULT_PRECISION, PRECISION_HELP, parse_precision),
     Setting("--host", "ISEARLE_HOST", None, "interface to listen on (default 127.0.0.1; Spaces set 0.0.0.0)"),
     Setting("--port", "ISEARLE_PORT", None, "port (default 7860, or the first free one after it)", int),
     Setting("--queue-size", "ISEARLE_QUEUE_SIZE", 64, "requests waiting at most; more are refused", int),
