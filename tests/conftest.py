@@ -6,6 +6,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: n
 # before torch loads OpenMP: idle threads sleep instead of spinning (as app.py and the CLI do); spinning
 # made OTI steps 15x slower on this busy 2-core machine (0.13 s -> 2.0 s for 12 tiny steps)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# `--precision auto` (the app's default) is a timing measurement: two processes (the app under test
+# and an engine built in the test) may choose differently and rank near-ties differently. Tests run
+# the query path in fp32 unless they set a precision (tests/test_precision.py does).
+os.environ.setdefault("ISEARLE_PRECISION", "fp32")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
