@@ -28,15 +28,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from isearle import demo as D  # noqa: E402
-from isearle.testing import AppProcess, latency_stats  # noqa: E402
+from isearle.testing import AppProcess, latency_stats, split_app_args  # noqa: E402
 
 CAPTION_10 = "make the small cross orange and put it at top"  # 10 words
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    app_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[: argv.index("--")] if "--" in argv else argv
+    argv, app_args = split_app_args(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=10, help="references (each: one watched OTI run, blends, word runs)")
     p.add_argument("--steps", type=int, default=150, help="OTI steps of the watched run")

@@ -27,6 +27,15 @@ def latency_stats(ms: Sequence[float]) -> dict[str, float]:
             "mean": float(a.mean()), "max": float(a.max())}
 
 
+def split_app_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(a benchmark's own arguments, the app's arguments after "--"): `bench.py --n 5 -- --gallery g`."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1:]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` now."""
     with socket.socket() as s:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from isearle import demo as D
 from isearle.images import BadImage
-from isearle.testing import latency_stats
+from isearle.testing import latency_stats, split_app_args
 from isearle.weights import file_digest, weights_file, weights_fingerprint
 
 
@@ -391,3 +391,5 @@ def test_latency_stats():
     s = latency_stats([10, 20, 30, 40, 100])
     assert s["n"] == 5 and s["p50"] == 30 and 40 < s["p95"] <= 100 and s["max"] == 100
     assert latency_stats([])["n"] == 0
+    assert split_app_args(["--n", "5", "--", "--gallery", "g"]) == (["--n", "5"], ["--gallery", "g"])
+    assert split_app_args(["--n", "5"]) == (["--n", "5"], [])
