@@ -136,7 +136,8 @@ def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config
     ``{cache_root}/oti/{backbone}/{namespace}/{config hash}`` (a temp folder when `cache_root` is None).
 
     `init` warm-starts OTI (e.g. from phi); `init_tag` names it in the cache key."""
-    from isearle.oti import invert_dataset, phrase_tasks
+    from isearle.oti import phrase_tasks
+    from isearle.oti_runs import invert_dataset
 
     tasks = None
     phrase_id = None

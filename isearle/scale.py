@@ -3,7 +3,7 @@
 Each actor loads the backbone once (one actor per GPU, else one per CPU) and `map_batches` feeds
 it work units. A work unit is one *global* batch (rows [b * batch_size, (b + 1) * batch_size)),
 exactly the batches of the single-process paths, and OTI batch b is seeded with `seed + b` as in
-`isearle.oti.invert_dataset`. The results equal the single-process ones bit for bit when each actor
+`isearle.oti_runs.invert_dataset`. The results equal the single-process ones bit for bit when each actor
 uses as many torch threads (`threads`, default 1) as the single process did (tests/test_ray.py);
 with another thread count CPU kernels split some reductions differently, and tokens agree to fp32
 rounding (~1e-7).
@@ -32,7 +32,8 @@ from isearle.artifacts import write_bytes
 from isearle.backbone import BUNDLED_WEIGHTS, Backbone, load_backbone
 from isearle.images import embed_images, thumbnail_jpeg
 from isearle.index import GalleryIndex, IndexConfig
-from isearle.oti import OTIConfig, invert, load_tokens, prepare_run, save_shard, shard_done, write_run_config
+from isearle.oti import OTIConfig, invert
+from isearle.oti_runs import load_tokens, prepare_run, save_shard, shard_done, write_run_config
 from isearle.runtime import cpu_quota, set_threads
 
 log = logging.getLogger(__name__)
@@ -293,7 +294,7 @@ def ray_oti(
     threads: int = 1,
     progress: bool = True,
 ) -> tuple[list[str], torch.Tensor]:
-    """`isearle.oti.invert_images` on Ray Data: same files in `out_dir`, same tokens, resumable.
+    """`isearle.oti_runs.invert_images` on Ray Data: same files in `out_dir`, same tokens, resumable.
 
     Features are extracted by an actor pool (`batch_size` images per unit), concepts, phrase tasks
     and the phi warm start are computed on the driver, then OTI batches (`config.batch_size`) run

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from isearle.cli import COMMANDS, build_parser, main
-from isearle.oti import load_run
+from isearle.oti_runs import load_run
 from isearle.phi import load_phi
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,19 +12,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from isearle.concepts import ConceptBank
-from isearle.oti import (
-    OTIConfig,
-    OTIObjective,
-    invert,
-    invert_dataset,
-    invert_images,
-    load_run,
-    load_runs,
-    load_tokens,
-    phrase_tasks,
-    replace_concept,
-    token_norm,
-)
+from isearle.oti import OTIConfig, OTIObjective, invert, phrase_tasks, replace_concept, token_norm
+from isearle.oti_runs import invert_dataset, invert_images, load_run, load_runs, load_tokens
 from isearle.pseudo_word import encode_with_pseudo_tokens, normalize_prompt
 
 PHRASE_BANK = {

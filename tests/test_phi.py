@@ -347,7 +347,7 @@ def test_the_loss_weights_are_the_configured_ones(tiny, lambda_gpt, lambda_reg):
 def test_train_phi_options_reach_the_configuration(tiny, tmp_path):
     """Each `isearle train-phi` option lands in the recorded (= used) configuration."""
     from isearle.cli import main
-    from isearle.oti import invert_dataset
+    from isearle.oti_runs import invert_dataset
 
     ids = [f"i{k}" for k in range(8)]
     feats, tokens = _synthetic(tiny, 8)

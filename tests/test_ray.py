@@ -68,7 +68,8 @@ PHRASES = {"circle": ["a photo of circle that is red", "a photo of circle that i
 
 
 def test_ray_oti_equals_single_process(local_ray, one_thread, backbone, images, tmp_path):
-    from isearle.oti import OTIConfig, invert_images
+    from isearle.oti import OTIConfig
+    from isearle.oti_runs import invert_images
     from isearle.scale import ray_oti
 
     ids = [p.stem for p in images]

@@ -340,7 +340,7 @@ def model_args(tiny_checkpoint, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("seed", [2])
 def test_killed_oti_resumes_bit_for_bit(model_args, tmp_path, seed):
-    from isearle.oti import load_run
+    from isearle.oti_runs import load_run
 
     oti = ["oti", "--shapes", "24", "--vocabulary", "shapes", "--steps", "30", "--batch-size", "3", *model_args]
     ref, killed = tmp_path / "ref", tmp_path / "killed"
@@ -367,7 +367,8 @@ def test_killed_oti_resumes_bit_for_bit(model_args, tmp_path, seed):
 def oti_run(tiny_checkpoint, tmp_path):
     """An OTI run over 64 shapes scenes (2 steps: the tokens only need to exist) and a phrase bank."""
     from isearle.concepts import concept_bank, load_vocabulary
-    from isearle.oti import OTIConfig, invert_images
+    from isearle.oti import OTIConfig
+    from isearle.oti_runs import invert_images
     from isearle.phrases import generate_phrases
     from isearle.shapes.captions import phrase_generator
     from isearle.shapes.world import scene_source
@@ -412,7 +413,7 @@ def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, t
     """In process, killed (an exception) right after epoch k's state is saved: the resumed run's phi,
     losses and RNG draws equal an uninterrupted run's, with the GPT loss on (Python's RNG)."""
     import isearle.phi_training as PT
-    from isearle.oti import load_run
+    from isearle.oti_runs import load_run
     from isearle.phrases import load_phrase_bank
 
     out, phrases = oti_run
@@ -443,7 +444,7 @@ def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, t
 
 # ------------------------------------------------------------------------------ other artifact kinds
 def test_damaged_oti_runs_name_the_file(oti_run, tiny_checkpoint):
-    from isearle.oti import load_run, load_runs
+    from isearle.oti_runs import load_run, load_runs
 
     out, _ = oti_run
     shard = sorted(out.glob("shard_*"))[0]
@@ -477,7 +478,8 @@ def test_damaged_oti_runs_name_the_file(oti_run, tiny_checkpoint):
 
 
 def test_oti_resume_redoes_a_damaged_shard_and_refuses_other_settings(tiny, tmp_path):
-    from isearle.oti import OTIConfig, invert_dataset
+    from isearle.oti import OTIConfig
+    from isearle.oti_runs import invert_dataset
 
     feats = torch.randn(6, tiny.embed_dim, generator=torch.Generator().manual_seed(0))
     ids = [f"x{i}" for i in range(6)]

@@ -80,7 +80,7 @@ def add_oti_command_arguments(p: argparse.ArgumentParser) -> None:
 
 def oti_main(args: argparse.Namespace) -> int:
     from isearle.concepts import concept_bank
-    from isearle.oti import invert_images
+    from isearle.oti_runs import invert_images
     from isearle.phi import load_phi
     from isearle.phrases import load_phrase_bank
 
@@ -137,7 +137,7 @@ def add_train_phi_arguments(p: argparse.ArgumentParser) -> None:
 
 def train_phi_main(args: argparse.Namespace) -> int:
     from isearle.evaluation import phi_validator
-    from isearle.oti import load_runs
+    from isearle.oti_runs import load_runs
     from isearle.phi_training import Selection, save_trained, train_phi
     from isearle.phrases import load_phrase_bank
     from isearle.presets import preset
