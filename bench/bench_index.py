@@ -3,7 +3,8 @@
 ViT-B-32 architecture (random weights), 640x480 JPEG files on disk: decode, targetpad preprocess,
 image encoder, FAISS add. Where the time goes: per-image decode (full / JPEG draft mode), preprocess
 and encoder (fp32 / bf16 / bf16 channels-last), interleaved. End to end, interleaved: today's path
-(fp32, full decode) against the new one (bf16 weights, draft decode). With --ray, the Ray Data path
+(fp32, full decode) against the new ones (draft decode, in fp32 and with bf16 weights; the faster is
+the goal row's). With --ray, the Ray Data path
 (local Ray, one actor per core) too (its start-up is included: that is what a user waits for).
 """
 
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
             rows.append(row("e index", case, f"part per image: {name}", median(ts) * 1e3, "ms"))
         sides = {
             "today (fp32, full decode)": lambda: build_gallery_index(backbone, items, args.batch, progress=False),
+            "new (fp32, JPEG draft decode)": lambda: build_gallery_index(backbone, items, args.batch, progress=False,
+                                                                         draft=True),
             "new (bf16, JPEG draft decode)": lambda: build_gallery_index(low, items, args.batch, progress=False,
                                                                          draft=True),
         }
@@ -116,15 +119,17 @@ def main(argv: list[str] | None = None) -> list[Row]:
         ips = {k: len(items) / median(ts) for k, ts in got.items()}
         for name, v in ips.items():
             rows.append(row("e index", case, name, v, "img/s", ">= 32 img/s" if name.startswith("new") else ""))
-        r = ratio(*got.values())
+        best = max((k for k in got if k.startswith("new")), key=lambda k: ips[k])  # bf16 pays on some CPUs only
+        r = ratio(got["today (fp32, full decode)"], got[best])
         with torch.inference_mode():
             a = build_gallery_index(backbone, items[:8], 8, progress=False).vectors()
-            b = build_gallery_index(low, items[:8], 8, progress=False, draft=True).vectors()
+            b = build_gallery_index(low if "bf16" in best else backbone, items[:8], 8, progress=False,
+                                    draft=True).vectors()
         cos = float((a * b).sum(1).min())
-        new = ips["new (bf16, JPEG draft decode)"]
+        new = ips[best]
         rows.append(goal_row(f"gallery indexing, ViT-B-32, 640x480 JPEGs, batch {args.batch}",
                              f"{ips['today (fp32, full decode)']:.1f} img/s",
-                             f"{new:.1f} img/s (bf16 + JPEG draft); {ratio_text(r)} faster",
+                             f"{new:.1f} img/s ({best[5:-1]}); {ratio_text(r)} faster",
                              ">= 32 img/s", "met" if new >= 32 else "not met here",
                              f"min cosine of gallery vectors to today's {cos:.4f}"))
         if args.ray:

@@ -1,4 +1,4 @@
-"""Run every benchmark (a-e), each in a fresh Python process, and print the issue's table and all rows.
+"""Run every benchmark (a-f), each in a fresh Python process, and print the issue's table and all rows.
 
     python bench/run_all.py [--quick] [--only a b ...] [--markdown results.md] [--precision auto]
 
@@ -32,6 +32,7 @@ BENCHES = {
     "d": ("bench.bench_search", "search: flat vs approximate indexes at 100k and 1M"),
     "c": ("bench.bench_query", "composed query latency, 100k gallery"),
     "e": ("bench.bench_index", "gallery indexing throughput"),
+    "f": ("bench.bench_openmp", "OpenMP wait policy: default vs PASSIVE, child processes alternating"),
 }
 QUICK = {
     "a": ["--repeat", "2", "--models", "ViT-B-32"],
@@ -39,6 +40,7 @@ QUICK = {
     "d": ["--sizes", "20000", "--queries", "10"],
     "c": ["--warm", "6", "--cold", "3", "--gallery", "20000"],
     "e": ["--images", "16"],
+    "f": ["--rounds", "1", "--calls", "2"],
 }
 
 

@@ -127,3 +127,63 @@ class PrefixCache:
         if proj is not None:
             x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
         return x
+
+
+class PromptPrefix:
+    """Keys/values of a query prompt's fixed start, S* included ("<sot> a photo of S* that").
+
+    The warm query path: a cached reference keeps the prefix of its prompt, and each new caption
+    runs the transformer on the caption's tokens only. `PromptPrefix.first(...)` encodes a whole
+    prompt (one pass, for the reference's first query) and keeps its start; `encode(tokens)` then
+    equals `encode_tokens(backbone, tokens, pseudo)` (up to fp32 rounding) for any row that starts
+    with the prefix, and is None for a row that does not (the caller then runs the full pass).
+    """
+
+    def __init__(self, backbone: Backbone, ids: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.backbone, self.ids, self.past = backbone, ids, past
+
+    @classmethod
+    def first(cls, backbone: Backbone, tokens: torch.Tensor, pseudo: torch.Tensor, prefix_ids: torch.Tensor
+              ) -> tuple[torch.Tensor, PromptPrefix | None]:
+        """Feature [1, D] of one prompt row [1, L] with S* at its first "$" and, when the row starts
+        with `prefix_ids` [P], the keys/values of those P positions (else None)."""
+        text, cast = backbone.text, backbone.text.transformer.get_cast_dtype()
+        row = tokens[0].to(backbone.device)
+        eot, n = int(row.argmax()), len(prefix_ids)
+        ids = row[: eot + 1]
+        x = text.token_embedding(ids[None]).to(cast)
+        found = (ids == backbone.placeholder_id).nonzero()
+        if len(found):  # the first "$", as encode_tokens does
+            x[0, int(found[0])] = pseudo.to(cast)
+        x = x + text.positional_embedding[: eot + 1].to(cast)
+        causal = torch.ones(eot + 1, eot + 1, dtype=torch.bool, device=x.device).tril()[None]
+        x, kept = _layers(backbone, x, causal, keep=True)
+        prefix = None
+        if eot >= n and torch.equal(ids[:n], prefix_ids.to(ids.device)):
+            prefix = cls(backbone, ids[:n], [(k[:, :n], v[:, :n]) for k, v in kept])
+        return _project(text, x[0, -1:]), prefix
+
+    def encode(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Un-normalised feature [1, D] of one token row [1, L] that continues the prefix, else None."""
+        text, n = self.backbone.text, len(self.ids)
+        row = tokens[0].to(self.backbone.device)
+        eot = int(row.argmax())
+        if eot < n or not torch.equal(row[:n], self.ids):
+            return None
+        rest = row[n : eot + 1]
+        t = len(rest)
+        x = text.token_embedding(rest[None]).to(text.transformer.get_cast_dtype())
+        x = x + text.positional_embedding[n : eot + 1].to(x.dtype)
+        mask = torch.cat([torch.ones(t, n, dtype=torch.bool, device=x.device),
+                          torch.ones(t, t, dtype=torch.bool, device=x.device).tril()], dim=1)[None]
+        x, _ = _layers(self.backbone, x, mask, self.past)
+        return _project(text, x[0, -1:])
+
+
+def _project(text: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Final LayerNorm and text projection of end-of-text states [B, W] -> features [B, D]."""
+    x = text.ln_final(x)
+    proj = text.text_projection
+    if proj is not None:
+        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
+    return x

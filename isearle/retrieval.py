@@ -20,11 +20,12 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from isearle import prefix_cache
 from isearle.backbone import Backbone
 from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
 from isearle.precision import PrecisionChoice, bf16_native, choose
-from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
+from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt, tokenize_prompts
 
 METHODS = ("image", "text", "image+text", "oti", "phi")
 DEFAULT_TEMPLATE = "a photo of $ that {}"
@@ -90,6 +91,10 @@ class LRUCache:
             while len(self._data) > self.size:
                 self._data.popitem(last=False)
 
+    def pop(self, key: Hashable) -> None:
+        with self._lock:
+            self._data.pop(key, None)
+
     def __len__(self) -> int:
         return len(self._data)
 
@@ -119,28 +124,36 @@ class Hit:
 class Retriever:
     """Cached composed retrieval over a gallery index (CLI `query` and the demo).
 
-    Queries are encoded by `query_backbone` (the backbone itself, or its bf16 copy after
-    `set_precision`); OTI always optimises with the fp32 `backbone`.
+    Captions and pseudo-word prompts are encoded by `query_backbone`, new images by
+    `image_backbone` (each the backbone itself, or its bf16 copy after `set_precision`); OTI
+    always optimises with the fp32 `backbone`. A reference's prompt start ("<sot> a photo of S*
+    that") is kept as keys/values (`prefix_cache.PromptPrefix`), so a new caption for it runs the
+    text transformer on the caption's tokens only.
     """
 
     def __init__(self, backbone: Backbone, index: Any, phi: Phi | None = None,
-                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256, precision: str = "fp32") -> None:
+                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256, precision: str = "fp32",
+                 prefix_cache: bool = True) -> None:
         self.backbone, self.index, self.template = backbone, index, template
-        self.query_backbone = backbone
-        self.precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")
+        self.prefix_cache = prefix_cache  # keep each reference's prompt start (False: the full pass each time)
+        self.query_backbone = self.image_backbone = backbone
+        self.precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")  # of the text pass
+        self.image_precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")
         self.phi = phi.to(backbone.device).eval() if phi is not None else None
         self.features = LRUCache(cache_size)  # image key -> un-normalised image feature [D]
         self.tokens = LRUCache(cache_size)  # (image key, method, steps) -> pseudo-token [W]
         self.texts = LRUCache(4 * cache_size)  # caption -> normalised text feature [D]
         self.queries = LRUCache(4 * cache_size)  # (image key, method, steps, caption) -> query feature [D]
+        self.prefixes = LRUCache(cache_size)  # (image key, method, steps) -> PromptPrefix of its S*
         if precision != "fp32":
             self.set_precision(precision)
 
     def set_precision(self, requested: str, image: Image.Image | None = None) -> PrecisionChoice:
-        """Encode queries in fp32 or bf16; "auto" measures both on a warm-up query (`precision.choose`).
+        """Encode queries in fp32 or bf16; "auto" measures both (`precision.choose`) for each tower.
 
-        The query measured is the warm path: the template with the reference's S* (phi's, or the
-        token of "thing" without phi) and a caption, one truncated text pass.
+        The text tower is measured on the warm path (the template with the reference's S*, phi's or
+        the token of "thing" without phi, and a caption: one truncated pass), the image tower on
+        a new upload; each keeps bf16 only where it is faster and agrees. Returns the text choice.
         """
         low: list[Backbone] = []
 
@@ -151,46 +164,58 @@ class Retriever:
                 low.append(self.backbone.with_precision(p))
             return low[0]
 
-        def encode(p: str) -> torch.Tensor:
+        def encode_text(p: str) -> torch.Tensor:
             return encode_with_pseudo_tokens(in_precision(p), [prompt], token)
 
+        def encode_image(p: str) -> torch.Tensor:
+            return in_precision(p).encode_pil([image])
+
+        native = bf16_native(self.backbone.device)
         with torch.inference_mode():
-            if requested == "auto":
+            if requested == "auto" and native:
                 image = image or Image.new("RGB", (self.backbone.image_size,) * 2, "gray")
                 feats = self.backbone.encode_pil([image])
                 token = (self.phi(feats)[0] if self.phi is not None else
                          self.backbone.token_embedding(self.backbone.tokenize(["thing"])[0, 1]))
                 prompt = fill_template(self.template, "is blue and twice as big")
-            choice = choose(requested, encode, bf16_native(self.backbone.device))
-        self.query_backbone = in_precision(choice.precision)
-        self.precision = choice
-        for cache in (self.features, self.tokens, self.texts, self.queries):  # of the other precision
+            text = choose(requested, encode_text, native)
+            images = choose(requested, encode_image, native)
+        self.query_backbone, self.image_backbone = in_precision(text.precision), in_precision(images.precision)
+        self.precision, self.image_precision = text, images
+        for cache in (self.features, self.tokens, self.texts, self.queries, self.prefixes):  # of the other precision
             cache.clear()
-        return choice
+        return text
 
-    def image_features(self, image: Image.Image) -> tuple[str, torch.Tensor]:
-        key = image_key(image)
+    def precision_report(self) -> str:
+        """What the query path runs in, per tower, and why (the app's /info)."""
+        if str(self.precision) == str(self.image_precision):
+            return str(self.precision)
+        return f"text {self.precision}; images {self.image_precision}"
+
+    def image_features(self, image: Image.Image, key: str | None = None) -> tuple[str, torch.Tensor]:
+        """(content key, un-normalised image feature [D]) of an image, cached; `key` if already hashed."""
+        key = key or image_key(image)
         feats = self.features.get(key)
         if feats is None:
-            feats = self.query_backbone.encode_pil([image])[0]
+            feats = self.image_backbone.encode_pil([image])[0]
             self.features.put(key, feats)
         return key, feats
 
     def pseudo_token(self, image: Image.Image, method: str = "phi", oti: OTIConfig | None = None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, key: str | None = None) -> torch.Tensor:
         """S* of an image by phi or OTI (warm-started from phi when there is one), cached."""
-        key, _ = self.image_features(image)
+        key, _ = self.image_features(image, key)
         oti = oti or OTIConfig(batch_size=1)
         token = self.tokens.get(self._token_key(key, method, oti))
         if token is not None:
             return token
         if method == "phi":
-            token = self.phi_token(image)
+            token = self.phi_token(image, key)
             if token is None:
                 raise ValueError("no phi network is loaded: choose OTI or load a phi checkpoint")
             self.tokens.put(self._token_key(key, method, oti), token)
         elif method == "oti":
-            for state in tqdm(self.oti_steps(image, oti), total=oti.steps + 1, desc="OTI", leave=False,
+            for state in tqdm(self.oti_steps(image, oti, key=key), total=oti.steps + 1, desc="OTI", leave=False,
                               disable=not progress):
                 token = state.token
             token = token[0].detach()  # oti_steps cached it
@@ -214,23 +239,23 @@ class Retriever:
         return ""
 
     @torch.inference_mode()
-    def phi_token(self, image: Image.Image) -> torch.Tensor | None:
+    def phi_token(self, image: Image.Image, key: str | None = None) -> torch.Tensor | None:
         """phi's S* [token_width] of an image, None when no phi is loaded."""
         if self.phi is None:
             return None
-        return self.phi(self.image_features(image)[1][None])[0]
+        return self.phi(self.image_features(image, key)[1][None])[0]
 
-    def oti_steps(self, image: Image.Image, oti: OTIConfig | None = None, warm: bool = True
-                  ) -> Iterator[OTIStep]:
+    def oti_steps(self, image: Image.Image, oti: OTIConfig | None = None, warm: bool = True,
+                  key: str | None = None) -> Iterator[OTIStep]:
         """OTI of one image step by step (`oti.invert_steps`), warm-started from phi when there is one.
 
         The run `pseudo_token` does, watchable: a warm run that is consumed to its end leaves its
         S* in the cache, so the next query with these settings reuses it. `warm=False` starts from
         N(0, init_std) instead (a run for comparison, not cached).
         """
-        key, feats = self.image_features(image)
+        key, feats = self.image_features(image, key)
         oti = oti or OTIConfig(batch_size=1)
-        init = self.phi_token(image) if warm else None
+        init = self.phi_token(image, key) if warm else None
         init = None if init is None else init[None].clone()
         with torch.inference_mode(False):
             feats = feats[None].clone()
@@ -239,6 +264,7 @@ class Retriever:
             yield state
         if warm and state is not None:
             self.tokens.put(self._token_key(key, "oti", oti), state.token[0].detach().clone())
+            self.prefixes.pop(self._token_key(key, "oti", oti))  # it held the previous S*
 
     def text_feature(self, caption: str) -> torch.Tensor:
         feat = self.texts.get(caption)
@@ -255,23 +281,44 @@ class Retriever:
             return self.text_feature(caption)
         if image is None:
             raise ValueError("this method needs a reference image")
-        qkey = self._token_key(image_key(image), method, oti) + (caption,)
+        key = image_key(image)  # hashed once per query
+        qkey = self._token_key(key, method, oti) + (caption,)
         feature = self.queries.get(qkey)
         if feature is None:
-            feature = self._compose(image, caption, method, oti, progress)
+            feature = self._compose(image, key, caption, method, oti, progress)
             self.queries.put(qkey, feature)
         return feature
 
-    def _compose(self, image: Image.Image, caption: str, method: str, oti: OTIConfig | None,
+    def _compose(self, image: Image.Image, key: str, caption: str, method: str, oti: OTIConfig | None,
                  progress: bool) -> torch.Tensor:
-        _, feats = self.image_features(image)
+        _, feats = self.image_features(image, key)
         if method == "image":
             return F.normalize(feats, dim=-1)
         if method == "image+text":
             return F.normalize(F.normalize(feats, dim=-1) + self.text_feature(caption), dim=-1)
-        token = self.pseudo_token(image, method, oti, progress)
+        token = self.pseudo_token(image, method, oti, progress, key)
+        return F.normalize(self.prompt_feature(self._token_key(key, method, oti), token, caption), dim=-1)
+
+    def prompt_feature(self, token_key: Hashable, token: torch.Tensor, caption: str) -> torch.Tensor:
+        """Un-normalised feature [D] of the template with S* = `token` and `caption`: the caption's
+        tokens run on the cached keys/values of the prompt's start (the full pass where the model or
+        the template does not allow it; same feature up to fp32 rounding)."""
+        qb = self.query_backbone
         prompt = fill_template(self.template, caption)
-        return F.normalize(encode_with_pseudo_tokens(self.query_backbone, [prompt], token), dim=-1)[0]
+        tokens = tokenize_prompts(qb, [prompt])
+        prefix = self.prefixes.get(token_key)
+        with qb.autocast:
+            feature = prefix.encode(tokens) if prefix is not None else None
+            if feature is None and self.prefix_cache and prefix_cache.supported(qb):
+                head = self.template.split("{}")[0] if "{}" in self.template else ""
+                if "$" in head:  # the reference's first query: one full pass that keeps the prompt's start
+                    ids = qb.tokenize([normalize_prompt(head)])[0]
+                    feature, prefix = prefix_cache.PromptPrefix.first(qb, tokens, token, ids[: int(ids.argmax())])
+                    if prefix is not None:
+                        self.prefixes.put(token_key, prefix)
+            if feature is None:
+                return encode_with_pseudo_tokens(qb, [prompt], token)[0]
+        return feature.float()[0]
 
     def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
         return rank(self.index, query, k, exclude)

@@ -14,10 +14,7 @@ import os
 import sys
 from collections.abc import Callable
 
-# Before torch and FAISS load OpenMP: each brings a runtime, and spinning idle threads of one starve the other.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from isearle.cli import evaluate, gallery, inspector, training, world  # noqa: E402
+from isearle.cli import evaluate, gallery, inspector, training, world
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
 

@@ -274,8 +274,7 @@ class DemoEngine:
 
         A FAISS search sets OpenMP's thread count to 1 for this thread (faiss.omp_set_num_threads),
         which torch reads too: without this, every later query in the same worker thread would run
-        torch single-threaded (and, with OpenMP's default spin-waiting, 10-25x slower: measured on
-        scaled_dot_product_attention; app.py sets OMP_WAIT_POLICY=PASSIVE against that).
+        torch single-threaded.
         """
         try:
             return retriever.query(*args, **kwargs)
@@ -339,7 +338,7 @@ class DemoEngine:
                 "phi": loaded.service.phi_name, "gallery_size": len(loaded.service.index),
                 "context_length": loaded.backbone.context_length, "benchmark": loaded.benchmark,
                 "trained_vocabulary": loaded.trained is not None,
-                "precision": str(loaded.service.retriever.precision)}
+                "precision": loaded.service.retriever.precision_report()}
 
     def captions(self, key: str | None = None) -> list[str]:
         """Example captions suited to the entry's world."""
