@@ -2,8 +2,9 @@
 
 At batch 1 the text tower is bound by reading its weights; bf16 halves those bytes and CPUs with
 AVX512-BF16 or AMX multiply bf16 natively, so a query's text pass gets faster there. Elsewhere bf16
-is emulated and slower, and a model may be sensitive to it: `auto` measures both on the warm-up
-query and keeps bf16 only when it is faster AND its feature agrees with fp32's (cosine >= 0.999).
+is emulated and slower (and without AMX it may not pay even where native), and a model may be
+sensitive to it: `auto` measures both at start-up, for the text pass and the image encoder
+separately, and keeps bf16 for each only when it is faster AND agrees with fp32 (cosine >= 0.999).
 Training, OTI and evaluation stay fp32 unless asked otherwise.
 """
 
@@ -27,8 +28,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: The query path's default (app, `isearle query`, benches); evaluation and OTI stay fp32.
 DEFAULT_PRECISION = "auto"
 PRECISION_HELP = ("numbers of the query path: bf16 (half the bytes per weight; fast on CPUs with AVX512-BF16/AMX), "
-                  "fp32, or auto: measure both on the warm-up query and keep bf16 only if faster and its feature "
-                  "agrees with fp32's (cosine >= 0.999)")
+                  "fp32, or auto: measure both at start-up, for the text pass and the image encoder separately, and "
+                  "keep bf16 for each only if faster and its feature agrees with fp32's (cosine >= 0.999)")
 #: bf16 is kept by `auto` only when its query feature has at least this cosine to fp32's.
 MIN_COSINE = 0.999
 
