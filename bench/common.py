@@ -58,14 +58,21 @@ def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
     return times
 
 
-def interleaved(sides: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so both see the same load."""
+def interleaved(sides: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1, pause: float = 0.0
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so both see the same load.
+
+    `pause`: seconds slept (untimed) before each call, as between a server's requests, so that one
+    side's worker threads still spinning after its call do not slow the next side's call.
+    """
     for _ in range(warmup):
         for fn in sides.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(repeat):
         for name, fn in sides.items():
+            if pause:
+                time.sleep(pause)
             t = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t)

@@ -12,6 +12,8 @@ use `pseudo_word.encode_tokens`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -34,9 +36,9 @@ def supported(backbone: Backbone) -> bool:
     return True
 
 
-def _layers(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor,
-            past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-            keep: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def run_blocks(backbone: Backbone, x: torch.Tensor, mask: torch.Tensor,
+               past: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+               keep: bool = False) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Run the text transformer's blocks on x [B, T, W] with extra keys/values `past` (per layer,
     [B, P, W] each, prepended) and a boolean mask [B or 1, T, P + T] (True: may attend).
     Returns the output and, with `keep`, each layer's keys/values of x."""
@@ -88,7 +90,7 @@ class PrefixCache:
             ids[j, : len(p)] = torch.tensor(p)
         x = text.token_embedding(ids).to(cast) + text.positional_embedding[:longest].to(cast)
         causal = torch.ones(longest, longest, dtype=torch.bool, device=ids.device).tril()[None]
-        _, kept = _layers(self.backbone, x, causal, keep=True)  # padding sits after each prefix: unseen
+        _, kept = run_blocks(self.backbone, x, causal, keep=True)  # padding sits after each prefix: unseen
         lengths = [len(p) for p in prefixes]
         self.offsets = [0]
         for n in lengths:
@@ -121,7 +123,7 @@ class PrefixCache:
         mask = torch.cat([owner[:, None] == p_owner[None, :], own & (local[None, :] <= local[:, None])], dim=1)
         gather = torch.cat([torch.arange(self.offsets[p], self.offsets[p + 1], device=device) for p in prefixes])
         past = [(k[gather][None], v[gather][None]) for k, v in zip(self.keys, self.values, strict=True)]
-        x, _ = _layers(self.backbone, x[None], mask[None], past)
+        x, _ = run_blocks(self.backbone, x[None], mask[None], past)
         x = text.ln_final(x[0, first + s_len - 1])  # each row's end-of-text token
         proj = text.text_projection
         if proj is not None:
@@ -157,30 +159,51 @@ class PromptPrefix:
             x[0, int(found[0])] = pseudo.to(cast)
         x = x + text.positional_embedding[: eot + 1].to(cast)
         causal = torch.ones(eot + 1, eot + 1, dtype=torch.bool, device=x.device).tril()[None]
-        x, kept = _layers(backbone, x, causal, keep=True)
+        x, kept = run_blocks(backbone, x, causal, keep=True)
         prefix = None
         if eot >= n and torch.equal(ids[:n], prefix_ids.to(ids.device)):
             prefix = cls(backbone, ids[:n], [(k[:, :n], v[:, :n]) for k, v in kept])
-        return _project(text, x[0, -1:]), prefix
+        return project(text, x[0, -1:]), prefix
 
-    def encode(self, tokens: torch.Tensor) -> torch.Tensor | None:
-        """Un-normalised feature [1, D] of one token row [1, L] that continues the prefix, else None."""
+    def inputs(self, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The transformer's input [1, T, W] for the rest of a token row [1, L] (its positions after
+        the prefix, position embeddings added), None when the row does not continue the prefix."""
         text, n = self.backbone.text, len(self.ids)
         row = tokens[0].to(self.backbone.device)
         eot = int(row.argmax())
         if eot < n or not torch.equal(row[:n], self.ids):
             return None
-        rest = row[n : eot + 1]
-        t = len(rest)
-        x = text.token_embedding(rest[None]).to(text.transformer.get_cast_dtype())
-        x = x + text.positional_embedding[n : eot + 1].to(x.dtype)
-        mask = torch.cat([torch.ones(t, n, dtype=torch.bool, device=x.device),
-                          torch.ones(t, t, dtype=torch.bool, device=x.device).tril()], dim=1)[None]
-        x, _ = _layers(self.backbone, x, mask, self.past)
-        return _project(text, x[0, -1:])
+        x = text.token_embedding(row[None, n : eot + 1]).to(text.transformer.get_cast_dtype())
+        return x + text.positional_embedding[n : eot + 1].to(x.dtype)
+
+    def stacked(self) -> torch.Tensor:
+        """The keys/values as one tensor [layers, 2, 1, P, W] (what an exported graph takes)."""
+        return torch.stack([torch.stack([k, v]) for k, v in self.past])
+
+    def encode(self, tokens: torch.Tensor, engine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+               ) -> torch.Tensor | None:
+        """Un-normalised feature [1, D] of one token row [1, L] that continues the prefix, else None.
+        `engine(x, stacked keys/values)` runs the blocks instead of PyTorch (`onnx_text.OnnxText`)."""
+        x = self.inputs(tokens)
+        if x is None:
+            return None
+        if engine is not None:
+            return engine(x, self.stacked())
+        return continue_blocks(self.backbone, x, self.past)
 
 
-def _project(text: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def continue_blocks(backbone: Backbone, x: torch.Tensor, past: list[tuple[torch.Tensor, torch.Tensor]]
+                    ) -> torch.Tensor:
+    """Feature [1, D] of the last position of x [1, T, W] run after a prefix's keys/values `past`
+    (each position sees the whole prefix and its own earlier positions)."""
+    t, n = x.shape[1], past[0][0].shape[1]
+    mask = torch.cat([torch.ones(t, n, dtype=torch.bool, device=x.device),
+                      torch.ones(t, t, dtype=torch.bool, device=x.device).tril()], dim=1)[None]
+    y, _ = run_blocks(backbone, x, mask, past)
+    return project(backbone.text, y[0, -1:])
+
+
+def project(text: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and text projection of end-of-text states [B, W] -> features [B, D]."""
     x = text.ln_final(x)
     proj = text.text_projection

@@ -70,6 +70,7 @@ def test_retriever_auto_falls_back_to_fp32_when_the_bf16_model_disagrees(tiny, m
 
     monkeypatch.setattr(type(tiny), "with_precision", disagreeing)
     monkeypatch.setattr("isearle.retrieval.bf16_native", lambda device: True)
+    monkeypatch.setattr("isearle.retrieval.onnx_text.available", lambda backbone: False)
     retriever = Retriever(tiny, index, precision="auto")
     assert retriever.precision.precision == "fp32" and "disagrees" in retriever.precision.reason
     assert retriever.query_backbone is tiny
@@ -104,6 +105,7 @@ def test_auto_chooses_per_tower(tiny, monkeypatch):
 
     monkeypatch.setattr(type(tiny), "with_precision", images_disagree)
     monkeypatch.setattr(retrieval, "bf16_native", lambda device: True)
+    monkeypatch.setattr(retrieval.onnx_text, "available", lambda backbone: False)  # PyTorch's choice alone
     monkeypatch.setattr(retrieval, "choose", bf16_faster)
     retriever = Retriever(tiny, index, precision="auto")
     assert retriever.precision.precision == "bf16" and retriever.query_backbone.precision == "bf16"
