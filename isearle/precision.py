@@ -29,7 +29,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 DEFAULT_PRECISION = "auto"
 PRECISION_HELP = ("numbers of the query path: bf16 (half the bytes per weight; fast on CPUs with AVX512-BF16/AMX), "
                   "fp32, or auto: measure both at start-up, for the text pass and the image encoder separately, and "
-                  "keep bf16 for each only if faster and its feature agrees with fp32's (cosine >= 0.999)")
+                  "keep bf16 for each only if faster and its feature agrees with fp32's (cosine >= 0.999); also ONNX "
+                  "Runtime for warm captions where installed and faster")
 #: bf16 is kept by `auto` only when its query feature has at least this cosine to fp32's.
 MIN_COSINE = 0.999
 
