@@ -84,6 +84,20 @@ class PrecisionChoice:
         return self.reason
 
 
+def median_ms(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0) -> dict[str, float]:
+    """Median milliseconds per call of each side, timed interleaved (A, B, A, B, ...); `pause`
+    seconds of sleep (untimed) before each call, as between a server's requests."""
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for _ in range(repeat):
+        for k, fn in sides.items():
+            if pause:
+                time.sleep(pause)
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
 def choose(requested: str, encode: Callable[[str], torch.Tensor], native: bool, repeat: int = 7,
            min_cosine: float = MIN_COSINE) -> PrecisionChoice:
     """Resolve `requested` ("auto", "fp32", "bf16") with `encode(precision) -> feature`.
@@ -99,13 +113,8 @@ def choose(requested: str, encode: Callable[[str], torch.Tensor], native: bool, 
         return PrecisionChoice("fp32", "fp32 (auto: no native bf16 on this device)")
     ref, low = encode("fp32").float(), encode("bf16").float()  # also warms both paths up
     cosine = float(F.cosine_similarity(ref.flatten(), low.flatten(), dim=0))
-    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
-    for _ in range(repeat):
-        for p in times:
-            t = time.perf_counter()
-            encode(p)
-            times[p].append(time.perf_counter() - t)
-    fp32_ms, bf16_ms = (statistics.median(times[p]) * 1e3 for p in ("fp32", "bf16"))
+    ms = median_ms({p: lambda p=p: encode(p) for p in ("fp32", "bf16")}, repeat)
+    fp32_ms, bf16_ms = ms["fp32"], ms["bf16"]
     measured = f"fp32 {fp32_ms:.1f} ms, bf16 {bf16_ms:.1f} ms, cosine {cosine:.5f}"
     if cosine < min_cosine:
         pick, why = "fp32", f"bf16 disagrees with fp32 (cosine < {min_cosine})"

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import statistics
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -27,7 +25,7 @@ from isearle import onnx_text, prefix_cache
 from isearle.backbone import Backbone
 from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
-from isearle.precision import MIN_COSINE, PrecisionChoice, bf16_native, choose
+from isearle.precision import MIN_COSINE, PrecisionChoice, bf16_native, choose, median_ms
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt, tokenize_prompts
 
 log = logging.getLogger(__name__)
@@ -141,6 +139,11 @@ class Retriever:
                  prefix_cache: bool = True) -> None:
         self.backbone, self.index, self.template = backbone, index, template
         self.prefix_cache = prefix_cache  # keep each reference's prompt start (False: the full pass each time)
+        head = template.split("{}")[0] if "{}" in template else ""
+        ids = backbone.tokenize([normalize_prompt(head)])[0] if prefix_cache and "$" in head else None
+        #: token ids of the template's start up to its caption slot, "$" included (<sot> a photo of $ that);
+        #: None where "$" follows the caption or the cache is off
+        self.prompt_start = None if ids is None else ids[: int(ids.argmax())]
         self.query_backbone = self.image_backbone = backbone
         self.text_engine: onnx_text.OnnxText | None = None  # runs warm captions instead of PyTorch (set_precision)
         self.engine_choice = ""
@@ -209,28 +212,21 @@ class Retriever:
         continuation of the template's prompt start, after one untimed call each, each call after a
         50 ms pause as between requests (the threads of one still spinning after its call would
         otherwise slow the other's: measured 18.9 -> 38.8 ms for PyTorch right after ONNX Runtime)."""
-        first = fill_template(self.template, "is blue")
+        first = tokenize_prompts(self.backbone, [fill_template(self.template, "is blue")])
         later = tokenize_prompts(self.backbone, [fill_template(self.template, "is blue and twice as big")])
-        head = self.template.split("{}")[0] if "{}" in self.template else ""
-        ids = self.backbone.tokenize([normalize_prompt(head)])[0]
-        ids = ids[: int(ids.argmax())]
-        qb = self.query_backbone
-        _, exact = prefix_cache.PromptPrefix.first(self.backbone, tokenize_prompts(self.backbone, [first]), token, ids)
+        qb, ids = self.query_backbone, self.prompt_start
+        if ids is None:
+            return
+        _, exact = prefix_cache.PromptPrefix.first(self.backbone, first, token, ids)
         with qb.autocast:
-            _, current = prefix_cache.PromptPrefix.first(qb, tokenize_prompts(qb, [first]), token, ids)
+            _, current = prefix_cache.PromptPrefix.first(qb, first, token, ids)
         if exact is None or current is None:
             return
         sides = {"torch": lambda: self._encode_on(qb, current, later), "onnx": lambda: exact.encode(later, engine)}
         ref, got = exact.encode(later).float(), sides["onnx"]().float()
         cosine = float(F.cosine_similarity(ref.flatten(), got.flatten(), dim=0))
-        times: dict[str, list[float]] = {k: [] for k in sides}
-        for _ in range(repeat):
-            for k, fn in sides.items():
-                time.sleep(0.05)
-                t = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t)
-        torch_ms, onnx_ms = (statistics.median(times[k]) * 1e3 for k in sides)
+        ms = median_ms(sides, repeat, pause=0.05)
+        torch_ms, onnx_ms = ms["torch"], ms["onnx"]
         measured = f"PyTorch {'bf16' if qb.precision == 'bf16' else 'fp32'} {torch_ms:.1f} ms, ONNX Runtime {onnx_ms:.1f} ms, cosine {cosine:.6f}"
         if cosine >= MIN_COSINE and onnx_ms < torch_ms:
             self.text_engine, self.query_backbone = engine, self.backbone  # ONNX continues fp32 prefixes
@@ -373,13 +369,11 @@ class Retriever:
         prefix = self.prefixes.get(token_key)
         with qb.autocast:
             feature = prefix.encode(tokens, self.text_engine) if prefix is not None else None
-            if feature is None and self.prefix_cache and prefix_cache.supported(qb):
-                head = self.template.split("{}")[0] if "{}" in self.template else ""
-                if "$" in head:  # the reference's first query: one full pass that keeps the prompt's start
-                    ids = qb.tokenize([normalize_prompt(head)])[0]
-                    feature, prefix = prefix_cache.PromptPrefix.first(qb, tokens, token, ids[: int(ids.argmax())])
-                    if prefix is not None:
-                        self.prefixes.put(token_key, prefix)
+            if feature is None and self.prompt_start is not None and prefix_cache.supported(qb):
+                # the reference's first query: one full pass that keeps the prompt's start
+                feature, prefix = prefix_cache.PromptPrefix.first(qb, tokens, token, self.prompt_start)
+                if prefix is not None:
+                    self.prefixes.put(token_key, prefix)
             if feature is None:
                 return encode_with_pseudo_tokens(qb, [prompt], token)[0]
         return feature.float()[0]
