@@ -256,3 +256,36 @@ def test_the_cached_reference_is_warm_and_answers_as_an_uncached_call(app, clien
     assert fresh.cached == ""
     assert [h["id"] for h in hits] == [it.id for it in fresh.items]
     assert [h["score"] for h in hits] == pytest.approx([it.score for it in fresh.items], abs=1e-4)
+
+
+def test_the_app_on_precision_auto_measures_its_engines_and_answers_as_fp32(tmp_path):
+    """`python app.py` with the default `--precision auto`: /info reports what was measured for each
+    tower and for the warm captions (ONNX Runtime where installed), and a warm query (a new caption
+    for a cached reference: the continuation path) ranks as an fp32 engine does uncached."""
+    import argparse
+    import importlib.util
+
+    arguments = app_arguments(tmp_path)
+    env = {**app_environment(tmp_path), "ISEARLE_PRECISION": "auto"}
+    with AppProcess(arguments, env, log=tmp_path / "app.log") as proc:
+        client = Client(proc.url, verbose=False, download_files=False, analytics_enabled=False)
+        info = client.predict(api_name="/info")
+        method = info["methods"][0]
+        assert "auto:" in info["precision"]
+        if importlib.util.find_spec("onnxruntime") is not None:
+            assert "warm captions on" in info["precision"] and "ONNX Runtime" in info["precision"]
+        ref = tmp_path / "ref.png"
+        Image.new("RGB", (64, 64), (200, 30, 90)).save(ref)
+        search(client, ref, "is green", k=8, method=method)
+        _, status, hits, *_ = search(client, ref, "has a small circle", k=8, method=method)
+    assert "(reference cached)" in status
+    parser = argparse.ArgumentParser()
+    D.add_arguments(parser, {})
+    engine = D.DemoEngine.start(parser.parse_args([*arguments, "--no-warmup", "--precision", "fp32"]), warm=False)
+    fresh = engine.search(None, ref, "has a small circle", k=8, method=method, steps=STEPS)
+    report = info["precision"]
+    bf16 = report.startswith(("bf16", "text bf16")) or "images bf16" in report  # where bf16 was kept
+    tol = 5e-3 if bf16 else 1e-4  # bf16 moves scores; ONNX Runtime and fp32 agree to rounding
+    assert [h["score"] for h in hits] == pytest.approx([it.score for it in fresh.items], abs=tol)
+    if tol == 1e-4:
+        assert [h["id"] for h in hits] == [it.id for it in fresh.items]
