@@ -103,7 +103,9 @@ def add_query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score}")
     from isearle.precision import add_precision_argument
 
-    add_precision_argument(p)
+    # One query per process: auto's start-up measurement (and ONNX export) would cost more than it
+    # saves (12.8 s for ViT-B/32 here, against ~0.1 s for the query); it pays in the long-running app.
+    add_precision_argument(p, default="fp32")
 
 
 def query_main(args: argparse.Namespace) -> int:
