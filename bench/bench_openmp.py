@@ -17,14 +17,13 @@ import sys
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import REPO, Row, check_load, finish, log, median, ratio, row
+from bench.common import REPO, Row, check_load, finish, interleaved, log, median, ratio, row
 
 POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
 
 
 def child(calls: int) -> dict[str, float]:
     """Median seconds of a text pass and an image pass in this process (its policy is the environment's)."""
-    import time
 
     import torch
 
@@ -40,16 +39,8 @@ def child(calls: int) -> dict[str, float]:
     token, pixels = torch.randn(backbone.token_width) * 0.02, torch.randn(1, 3, 224, 224)
     sides = {"text": lambda: encode_with_pseudo_tokens(backbone, [prompt], token),
              "image": lambda: backbone.encode_images(pixels)}
-    times: dict[str, list[float]] = {k: [] for k in sides}
     with torch.inference_mode():
-        for fn in sides.values():
-            fn()
-        for _ in range(calls):
-            for name, fn in sides.items():
-                time.sleep(0.05)
-                t = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t)
+        times = interleaved(sides, calls, warmup=1, pause=0.05)
     return {k: median(v) for k, v in times.items()}
 
 

@@ -60,23 +60,14 @@ def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
 
 def interleaved(sides: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1, pause: float = 0.0
                 ) -> dict[str, list[float]]:
-    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so both see the same load.
+    """Seconds per call of each side after `warmup` untimed rounds (`precision.time_interleaved`:
+    A, B, A, B, ..., `pause` seconds of sleep before each call)."""
+    from isearle.precision import time_interleaved
 
-    `pause`: seconds slept (untimed) before each call, as between a server's requests, so that one
-    side's worker threads still spinning after its call do not slow the next side's call.
-    """
     for _ in range(warmup):
         for fn in sides.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(repeat):
-        for name, fn in sides.items():
-            if pause:
-                time.sleep(pause)
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return times
+    return time_interleaved(sides, repeat, pause)
 
 
 def ratio(slow: list[float], fast: list[float]) -> tuple[float, float, float]:

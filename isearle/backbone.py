@@ -203,6 +203,18 @@ def encode_tokens(
     mask = getattr(text, "attn_mask", None)
     length = int(eot.max()) + 1 if truncate and mask is not None else tokens.shape[1]
     tokens = tokens[:, :length]
+    x = text.transformer(embed_tokens(backbone, tokens, pseudo_tokens),
+                         attn_mask=None if mask is None else mask[:length, :length])
+    pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
+    return project_text(text, text_global_pool(text.ln_final(x), tokens, pool_type))
+
+
+def embed_tokens(backbone: Backbone, tokens: torch.Tensor, pseudo_tokens: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+    """The text transformer's input [B, L, W] for token ids [B, L] starting at position 0: token
+    embeddings, S* (`pseudo_tokens` [B, W] or [W]) in place of each row's first "$" (as SEARLE
+    does), then the position embeddings."""
+    text = backbone.text
     cast = text.transformer.get_cast_dtype()
     x = text.token_embedding(tokens).to(cast)
     if pseudo_tokens is not None:
@@ -211,11 +223,11 @@ def encode_tokens(
         pseudo = pseudo_tokens.to(cast)
         pseudo = pseudo.expand(tokens.shape[0], -1) if pseudo.dim() == 1 else pseudo
         x = torch.where(where, pseudo.unsqueeze(1), x)
-    x = x + text.positional_embedding[:length].to(cast)
-    x = text.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
-    x = text.ln_final(x)
-    pool_type = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
-    x = text_global_pool(x, tokens, pool_type)
+    return x + text.positional_embedding[: tokens.shape[1]].to(cast)
+
+
+def project_text(text: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled text states [B, W] -> features [B, D] through the text projection (a matrix or a Linear)."""
     proj = text.text_projection
     if proj is not None:
         x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj

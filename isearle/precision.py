@@ -84,9 +84,11 @@ class PrecisionChoice:
         return self.reason
 
 
-def median_ms(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0) -> dict[str, float]:
-    """Median milliseconds per call of each side, timed interleaved (A, B, A, B, ...); `pause`
-    seconds of sleep (untimed) before each call, as between a server's requests."""
+def time_interleaved(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0
+                     ) -> dict[str, list[float]]:
+    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so that both see the same load;
+    `pause` seconds of sleep (untimed) before each call, as between a server's requests, so that
+    one side's worker threads still spinning after its call do not slow the next side's."""
     times: dict[str, list[float]] = {k: [] for k in sides}
     for _ in range(repeat):
         for k, fn in sides.items():
@@ -95,7 +97,12 @@ def median_ms(sides: dict[str, Callable[[], object]], repeat: int, pause: float 
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return times
+
+
+def median_ms(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0) -> dict[str, float]:
+    """Median milliseconds per call of each side (`time_interleaved`)."""
+    return {k: statistics.median(v) * 1e3 for k, v in time_interleaved(sides, repeat, pause).items()}
 
 
 def choose(requested: str, encode: Callable[[str], torch.Tensor], native: bool, repeat: int = 7,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from isearle.backbone import Backbone
+from isearle.backbone import Backbone, embed_tokens, project_text
 
 
 def supported(backbone: Backbone) -> bool:
@@ -124,11 +124,7 @@ class PrefixCache:
         gather = torch.cat([torch.arange(self.offsets[p], self.offsets[p + 1], device=device) for p in prefixes])
         past = [(k[gather][None], v[gather][None]) for k, v in zip(self.keys, self.values, strict=True)]
         x, _ = run_blocks(self.backbone, x[None], mask[None], past)
-        x = text.ln_final(x[0, first + s_len - 1])  # each row's end-of-text token
-        proj = text.text_projection
-        if proj is not None:
-            x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-        return x
+        return project(text, x[0, first + s_len - 1])  # each row's end-of-text token
 
 
 class PromptPrefix:
@@ -149,21 +145,16 @@ class PromptPrefix:
               ) -> tuple[torch.Tensor, PromptPrefix | None]:
         """Feature [1, D] of one prompt row [1, L] with S* at its first "$" and, when the row starts
         with `prefix_ids` [P], the keys/values of those P positions (else None)."""
-        text, cast = backbone.text, backbone.text.transformer.get_cast_dtype()
         row = tokens[0].to(backbone.device)
         eot, n = int(row.argmax()), len(prefix_ids)
         ids = row[: eot + 1]
-        x = text.token_embedding(ids[None]).to(cast)
-        found = (ids == backbone.placeholder_id).nonzero()
-        if len(found):  # the first "$", as encode_tokens does
-            x[0, int(found[0])] = pseudo.to(cast)
-        x = x + text.positional_embedding[: eot + 1].to(cast)
+        x = embed_tokens(backbone, ids[None], pseudo)
         causal = torch.ones(eot + 1, eot + 1, dtype=torch.bool, device=x.device).tril()[None]
         x, kept = run_blocks(backbone, x, causal, keep=True)
         prefix = None
         if eot >= n and torch.equal(ids[:n], prefix_ids.to(ids.device)):
             prefix = cls(backbone, ids[:n], [(k[:, :n], v[:, :n]) for k, v in kept])
-        return project(text, x[0, -1:]), prefix
+        return project(backbone.text, x[0, -1:]), prefix
 
     def inputs(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """The transformer's input [1, T, W] for the rest of a token row [1, L] (its positions after
@@ -205,8 +196,4 @@ def continue_blocks(backbone: Backbone, x: torch.Tensor, past: list[tuple[torch.
 
 def project(text: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Final LayerNorm and text projection of end-of-text states [B, W] -> features [B, D]."""
-    x = text.ln_final(x)
-    proj = text.text_projection
-    if proj is not None:
-        x = proj(x) if isinstance(proj, torch.nn.Linear) else x @ proj
-    return x
+    return project_text(text, text.ln_final(x))
