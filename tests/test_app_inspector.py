@@ -7,7 +7,7 @@ Every view's endpoint is called and its values checked against the query path's 
 from pathlib import Path
 
 import pytest
-from isearle.inspect import token_digest
+from isearle.explain import token_digest
 from PIL import Image
 from safetensors.torch import load_file
 
