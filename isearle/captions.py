@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from isearle.backbone import Backbone
 from isearle.errors import IsearleError
 from isearle.pseudo_word import fill_template, normalize_prompt, truncated
+from isearle.templates import DEFAULT_TEMPLATE
 
 MAX_CAPTION_CHARS = 1000  # longer input is cut before tokenising (the context is far shorter anyway)
-DEFAULT_TEMPLATE = "a photo of $ that {}"
 
 
 class CaptionError(IsearleError, ValueError):
