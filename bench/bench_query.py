@@ -67,16 +67,18 @@ def percentiles(times: list[float]) -> tuple[float, float]:
 
 
 def with_threads(n: int, fn):
-    """fn run with n torch threads (restored after)."""
+    """fn run with n torch threads (restored after), set through `runtime.set_threads`."""
     import torch
+
+    from isearle.runtime import set_threads
 
     def run():
         before = torch.get_num_threads()
-        torch.set_num_threads(n)
+        set_threads(n, faiss_threads=None)
         try:
             return fn()
         finally:
-            torch.set_num_threads(before)
+            set_threads(before, faiss_threads=None)
 
     return run
 
