@@ -423,8 +423,17 @@ def test_search_then_explain_decode_and_hash_the_upload_once(engine, tmp_path, m
     engine.search(None, str(path), "is a star instead", k=5, method="phi")
     assert calls == {"open_image": 1, "image_key": 1, "encode_pil": 1, "forward": 1}
     calls.clear()
+    import isearle.explain as X
+
+    _counting(monkeypatch, X, "encode_tokens", calls)
+    _counting(monkeypatch, type(session.backbone), "encode_texts", calls)
     ex = engine.explain(None, str(path), "is a star instead", "phi", k=4)
-    assert calls == {} and len(ex.image_only) == len(ex.text_only) == 4
+    # one text pass for "a photo of S*" and the caption alone (the text-only ranking) together
+    assert calls == {"encode_tokens": 1} and len(ex.image_only) == len(ex.text_only) == 4
+    with torch.inference_mode():
+        alone = torch.nn.functional.normalize(session.backbone.encode_texts(["is a star instead"]), dim=-1)[0]
+    assert float((session.retriever.texts.get("is a star instead") - alone).abs().max()) <= 1e-5
+    calls.clear()
     engine.search(None, str(path), "is blue instead", k=5, method="phi")  # a new caption: text pass only
     assert calls == {}
 
