@@ -22,12 +22,13 @@ __all__ = ["DECODE_SCALE", "MAX_UPLOAD_BYTES", "MIN_DECODE", "BadImage", "Refere
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 #: A reference is decoded and reduced to at least this many times the model's input size (short
-#: side): enough for the model's own resize, and far fewer pixels to decode and hash than a
-#: 12-megapixel photo. A 640x480 upload for a 224-px model is left untouched.
-DECODE_SCALE = 2
-#: ... and never below this many pixels: pictures up to this size (the demo's 256-px gallery pictures,
-#: a 640x480 photo) are decoded as they are, so their content key does not depend on the model.
-MIN_DECODE = 512
+#: side): enough for the model's own resize (a downscale still), and far fewer pixels to decode,
+#: turn and hash than a 12-megapixel photo (a 4000x3000 JPEG for a 224-px model: decoded at 1/8).
+DECODE_SCALE = 1.5
+#: ... and never below this many pixels: pictures up to this size (the demo's 256-px gallery
+#: pictures, a 640x480 photo) are decoded as they are, so their content key does not depend on the model.
+MIN_DECODE = 256
+
 
 _MODE_NOTES = {
     "RGBA": "the image has transparency: transparent areas were filled with white",
@@ -103,7 +104,7 @@ def load_reference(source: str | Path | bytes | Image.Image, size: int | None = 
             raise BadImage(f"the file is too large ({nbytes / 2**20:.1f} MB, limit {max_bytes / 2**20:.0f} MB)")
     notes: list[str] = []
     header = _peek(source)
-    target = max(DECODE_SCALE * size, MIN_DECODE) if size else None
+    target = max(int(DECODE_SCALE * size), MIN_DECODE) if size else None
     image = open_image(source, draft=target if not isinstance(source, Image.Image) else None)
     if target:
         factor = min(image.size) // target
