@@ -96,7 +96,7 @@ def load_reference(source: str | Path | bytes | Image.Image, size: int | None = 
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise BadImage("the uploaded file is gone: upload the image again")
+            raise BadImage(f"the image file {path.name} is gone: upload it again (or check the path)")
         nbytes = path.stat().st_size
         if nbytes == 0:
             raise BadImage("the file is empty (0 bytes): upload a PNG, JPEG or WebP image")
