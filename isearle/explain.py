@@ -1,8 +1,8 @@
 """The pseudo-word views: what S* captured, how OTI found it, and which part of a query mattered.
 
 One set of computations over a `service.Session`, behind the demo's explanation panel, its
-inspector views and `isearle inspect` (so all show the same numbers): a description of S* (norm, nearest vocabulary tokens, nearest concepts of
-"a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
+inspector views and `isearle inspect` (so all show the same numbers): a description of S* (norm,
+nearest vocabulary tokens, nearest concepts of "a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
 generator a plain run consumes, `oti.invert_steps`), phi against OTI, the blend of two
 pseudo-words, each caption word's effect, and S* saved to / loaded from safetensors.
 """
