@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
 from isearle.concepts import TEMPLATES as CONCEPT_TEMPLATES
-from isearle.precision import autocast
+from isearle.precision import compute_autocast, effective_precision
+from isearle.precision import grad_scaler as precision_scaler
 from isearle.prefix_cache import PrefixCache, supported
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 
@@ -60,9 +61,10 @@ class OTIConfig:
     #: Speed only: cache the keys/values of the positions before "$" and run the transformer on the
     #: packed suffixes (`isearle.prefix_cache`; exact in fp32). False: the plain fused pass.
     prefix_cache: bool = True
-    #: "fp32" (SEARLE's; the backbone's own autocast, fp16 on CUDA by default) or "bf16" (autocast of forward and
-    #: backward; faster on CPUs with AVX512-BF16/AMX, losses close to fp32's, not equal).
-    precision: str = "fp32"
+    #: `isearle.precision.COMPUTE_PRECISIONS`: "fp16" (SEARLE's oti_inversion.py: fp16 autocast + GradScaler),
+    #: "fp32", or "bf16" (autocast of forward and backward; faster on CPUs with AVX512-BF16/AMX, losses
+    #: close to fp32's, not equal); None: the backbone's precision (fp16 on CUDA, fp32 on CPU).
+    precision: str | None = None
 
 
 @dataclass
@@ -125,6 +127,7 @@ class OTIObjective:
         rng: random.Random,
     ) -> None:
         self.backbone, self.config = backbone, config
+        self.precision = oti_precision(backbone, config)
         self.image_features = image_features.to(backbone.device).float()
         n = self.image_features.shape[0]
         self.template_tokens = tokenize_prompts(backbone, list(config.templates))
@@ -155,7 +158,7 @@ class OTIObjective:
             return
         texts = [self.tasks[i].phrases[c] for i, c in used]
         pseudo = [self.tasks[i].pseudo_phrases[c] for i, c in used]
-        with torch.no_grad(), self.backbone.autocast:
+        with torch.no_grad(), compute_autocast(self.backbone.device, self.precision):
             targets = [
                 encode_tokens(self.backbone, self.backbone.tokenize(texts[s : s + 256])).float()
                 for s in range(0, len(texts), 256)
@@ -176,8 +179,8 @@ class OTIObjective:
             pseudo = torch.cat([pseudo_tokens, pseudo_tokens[rows]])
         else:
             pseudo = pseudo_tokens
-        # one fused pass, in the backbone's precision unless bf16 is asked for
-        with autocast(self.backbone.device, "bf16" if cfg.precision == "bf16" else self.backbone.precision):
+        # one fused pass, in the run's precision (SEARLE: under fp16 autocast on CUDA)
+        with compute_autocast(self.backbone.device, self.precision):
             if self.prefix_cache is not None:
                 feats = self.prefix_cache.encode(which, pseudo).float()
             else:
@@ -207,12 +210,16 @@ def _project(v: torch.Tensor, cap: float) -> None:
     v.mul_((cap / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
 
 
-def grad_scaler(backbone: Backbone) -> torch.amp.GradScaler:
-    """SEARLE's GradScaler when the text tower runs under fp16 autocast (gradients of S* would
-    underflow in fp16 otherwise); a pass-through scaler in fp32 / bf16."""
-    autocast = backbone.autocast
-    fp16 = getattr(autocast, "_enabled", False) and getattr(autocast, "fast_dtype", None) == torch.float16
-    return torch.amp.GradScaler(backbone.device.type, enabled=bool(fp16))
+def oti_precision(backbone: Backbone, config: OTIConfig) -> str:
+    """The precision an OTI run computes in: the config's, else the backbone's (what fp16 means on
+    this device included, `isearle.precision.effective_precision`)."""
+    return effective_precision(config.precision or backbone.precision, backbone.device)
+
+
+def grad_scaler(backbone: Backbone, config: OTIConfig | None = None) -> torch.amp.GradScaler:
+    """SEARLE's GradScaler when OTI runs under fp16 autocast (gradients of S* would underflow in
+    fp16 otherwise); a pass-through scaler in fp32 / bf16."""
+    return precision_scaler(backbone.device, oti_precision(backbone, config or OTIConfig()))
 
 
 @dataclass
@@ -254,7 +261,7 @@ def invert_steps(
             _project(v, cap)
         ema = v.detach().clone()
         optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
-        scaler = grad_scaler(backbone)
+        scaler = grad_scaler(backbone, config)
     yield OTIStep(0, torch.tensor(float("nan")), ema)
     for step in range(config.steps):
         with torch.inference_mode(False), torch.enable_grad():

@@ -305,12 +305,12 @@ def ray_oti(
     out.mkdir(parents=True, exist_ok=True)
     ids = [str(i) for i in ids]
     with ray_session(address, num_workers, threads):
-        features, tasks, init = prepare_run(
+        ids, features, tasks, init, skipped = prepare_run(
             backbone, ids, out,
             lambda: torch.from_numpy(_encode(backbone, items, batch_size, False, False, num_workers,
                                              threads, progress)["features"]),
             config, concepts, phrase_bank, init_phi, store_top_k)
-        write_run_config(out, config, backbone)
+        write_run_config(out, config, backbone, decode="robust", unreadable=skipped)
         bs = config.batch_size
         n_batches = (len(ids) + bs - 1) // bs
         pending = [b for b in range(n_batches) if not shard_done(out, b, ids[b * bs : (b + 1) * bs])]

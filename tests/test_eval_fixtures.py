@@ -43,7 +43,8 @@ class FakeBackbone:
 
     def __init__(self, table: dict[str, list[float]]) -> None:
         self.table = table
-        self.name, self.pretrained, self.device = "fake", None, torch.device("cpu")
+        self.name, self.pretrained, self.device = "fake", "fake-weights", torch.device("cpu")
+        self.precision = "fp32"
         self.embed_dim, self.token_width, self.image_size = 4, 4, 32
         self.encoded = 0
 
@@ -255,6 +256,35 @@ def test_feature_cache_resumes_and_is_keyed_by_backbone(data, tmp_path):
     assert len(other) == 0
 
 
+@pytest.mark.parametrize("part", ["weights", "precision", "decode", "preprocess", "random init"])
+def test_each_part_of_the_feature_cache_key_misses_the_cache(data, tmp_path, part):
+    """Features encoded with other weights, in another precision (an fp16 run read back by an fp32
+    evaluation), decoded or preprocessed otherwise are never reused; random-init weights never cached."""
+    root, table = data
+    bench = D.load_cirr(root / "CIRR", "val")
+    ids = bench.image_ids()
+    fake = FakeBackbone(table)
+    D.extract_features_cached(fake, ids, bench.images, D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace),
+                              progress=False)
+    same = D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace)
+    assert len(same) == len(ids)  # the same settings hit
+    kwargs = {}
+    if part == "weights":
+        fake.pretrained = "fake-weights-retrained"
+    elif part == "precision":
+        fake.precision = "bf16"
+    elif part == "decode":
+        kwargs["decode"] = "robust"
+    elif part == "preprocess":
+        kwargs["preprocess"] = "clip"
+    else:
+        fake.pretrained = None
+    missed = D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace, **kwargs)
+    assert len(missed) == 0
+    if part == "random init":
+        assert missed.dir is None  # memory only
+
+
 # ----------------------------------------------------------------- metrics by hand
 def test_cirr_by_hand(data, tmp_path):
     out = run(data, "cirr", "CIRR", submission_dir=tmp_path)
@@ -428,7 +458,8 @@ def test_cli_end_to_end_with_the_tiny_model(data, tiny_phi, tmp_path, capsys, na
         subm = json.loads(sub_file.read_text())
         assert len(subm) == meta["n_queries"] and all(len(v) == 14 for v in subm.values())
     if method == "oti":
-        assert meta["oti"]["steps"] == 2 and any((tmp_path / "cache" / "oti").rglob("shard_*.safetensors"))
+        # random-init weights have no cache key: nothing of theirs is kept on disk
+        assert meta["oti"]["steps"] == 2 and not any((tmp_path / "cache").rglob("shard_*.safetensors"))
 
 
 def test_train_phi_validates_on_cirr_val_and_keeps_the_best(data, tmp_path, capsys):

@@ -284,14 +284,17 @@ def test_invert_images_writes_a_loadable_run(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------ precision
 def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
-    """SEARLE runs OTI under fp16 autocast with a GradScaler: S*'s gradients cannot underflow."""
-    import dataclasses
-
+    """SEARLE runs OTI under fp16 autocast with a GradScaler: S*'s gradients cannot underflow. The same
+    path runs on the CPU (torch's CPU fp16 autocast), so it is not GPU-only code that no test runs."""
     import isearle.oti as oti_module
+    from isearle.precision import fp16_autocast_supported
 
-    assert not oti_module.grad_scaler(tiny).is_enabled()  # fp32 on the CPU: nothing to scale
-    assert not oti_module.grad_scaler(dataclasses.replace(tiny, precision="fp32")).is_enabled()
-    monkeypatch.setattr(type(tiny), "autocast", property(lambda self: torch.autocast("cpu", dtype=torch.float16)))
+    if not fp16_autocast_supported("cpu"):
+        pytest.skip("this torch has no CPU fp16 autocast")
+    assert tiny.precision == "fp32"  # load_backbone's CPU default: fp32, not an fp16 that means fp32
+    assert not oti_module.grad_scaler(tiny).is_enabled()  # fp32: nothing to scale
+    assert not oti_module.grad_scaler(tiny, OTIConfig(precision="bf16")).is_enabled()
+    assert oti_module.grad_scaler(tiny, OTIConfig(precision="fp16")).is_enabled()
     scaled: list[float] = []
     scale = torch.amp.GradScaler.scale
 
@@ -302,9 +305,13 @@ def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
 
     monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
     feats = _features(2, tiny.embed_dim)
-    tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
+    fp32 = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
+    assert scaled == [1.0, 1.0, 1.0]  # fp32: a pass-through scaler
+    scaled.clear()
+    tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0, precision="fp16"))
     assert len(scaled) == 3 and scaled[0] == 2.0**16  # every step's loss was scaled before backward
-    assert torch.isfinite(tokens).all()
+    assert torch.isfinite(tokens).all() and not torch.equal(tokens, fp32)  # fp16 did run
+    assert (tokens - fp32).abs().max() < 1e-2  # and stays close to fp32
 
 
 def test_the_gpt_loss_weight_is_the_configured_one(tiny):
