@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def test_concept_bank_save_load_round_trip(tiny, tmp_path):
         ConceptBank(NAMES[:2], bank.features)
 
 
-def test_concept_bank_is_cached_on_disk(tiny, tmp_path, monkeypatch):
+def test_concept_bank_is_cached_on_disk(tiny_file, tmp_path, monkeypatch):
+    tiny = tiny_file
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(NAMES), encoding="utf-8")
     first = concept_bank(tiny, str(vocab), cache_dir=tmp_path / "banks", progress=False)
@@ -171,3 +173,30 @@ def test_phrases_with_a_dollar_are_dropped_when_made_and_when_loaded(tmp_path, c
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="isearle phrases"):
         load_phrase_bank(path)
+
+
+@pytest.mark.parametrize("part", ["weights", "precision", "templates", "vocabulary"])
+def test_each_part_of_the_concept_bank_key_misses_the_cache(tiny_file, tmp_path, part):
+    """A bank built with other weights, in another precision, with other templates or from another
+    vocabulary file's content is never read back."""
+    import dataclasses
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(NAMES), encoding="utf-8")
+    banks = tmp_path / "banks"
+    concept_bank(tiny_file, str(vocab), cache_dir=banks, progress=False)
+    concept_bank(tiny_file, str(vocab), cache_dir=banks, progress=False)
+    assert len(list(banks.glob("*.safetensors"))) == 1  # the same settings hit
+    backbone, templates = tiny_file, TEMPLATES
+    if part == "weights":
+        other = tmp_path / "retrained.pt"
+        other.write_bytes(Path(tiny_file.pretrained).read_bytes() + b"\0")  # same tag, other file content
+        backbone = dataclasses.replace(tiny_file, pretrained=str(other))
+    elif part == "precision":
+        backbone = dataclasses.replace(tiny_file, precision="bf16")
+    elif part == "templates":
+        templates = TEMPLATES[:3]
+    else:
+        vocab.write_text("\n".join(NAMES[:-1]), encoding="utf-8")
+    concept_bank(backbone, str(vocab), cache_dir=banks, progress=False, templates=templates)
+    assert len(list(banks.glob("*.safetensors"))) == 2

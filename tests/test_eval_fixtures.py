@@ -642,3 +642,40 @@ def test_every_benchmark_and_method_equals_the_reference(data, tiny, tmp_path, m
             tiny, bench, method, torch.stack([feats[r] for r in refs]), {r: j for j, r in enumerate(refs)},
             phi=phi, pseudo_tokens=torch.stack([tokens[r] for r in refs]), progress=False)
         assert float((got - want).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("part", ["none", "steps", "templates", "precision", "decode", "features precision",
+                                  "weights"])
+def test_each_part_of_the_oti_cache_key_misses_the_cache(tiny_file, tmp_path, part):
+    """The evaluation's OTI tokens are reused only when the weights, every OTI setting (templates and
+    the precision OTI runs in included) and the way the reference features were made all match."""
+    import dataclasses
+
+    from isearle.evaluation import oti_tokens
+    from isearle.oti import OTIConfig
+
+    feats = torch.randn(2, tiny_file.embed_dim, generator=torch.Generator().manual_seed(0))
+    config = OTIConfig(steps=1, gamma=0.0)
+    kwargs = {"cache_root": tmp_path, "namespace": "bench", "progress": False}
+    first = oti_tokens(tiny_file, ["a", "b"], feats, config, **kwargs)
+    backbone = tiny_file
+    if part == "steps":
+        config = dataclasses.replace(config, steps=2)
+    elif part == "templates":
+        config = dataclasses.replace(config, templates=config.templates[:2])
+    elif part == "precision":
+        config = dataclasses.replace(config, precision="bf16")
+    elif part == "decode":
+        kwargs["decode"] = "robust"
+    elif part == "features precision":
+        kwargs["features_precision"] = "fp16"
+    elif part == "weights":
+        other = tmp_path / "retrained.pt"
+        other.write_bytes(Path(tiny_file.pretrained).read_bytes() + b"\0")
+        backbone = dataclasses.replace(tiny_file, pretrained=str(other))
+    again = oti_tokens(backbone, ["a", "b"], feats, config, **kwargs)
+    shards = {p.parent for p in (tmp_path / "oti").rglob("shard_*.safetensors")}
+    if part == "none":  # the same settings: the cached run is read back, not inverted again
+        assert len(shards) == 1 and torch.equal(again, first)
+    else:
+        assert len(shards) == 2

@@ -544,7 +544,8 @@ def test_official_searle_checkpoint_loads_weights_only_and_damage_is_named(tiny,
         load_phi(pt)
 
 
-def test_damaged_concept_bank_cache_is_rebuilt(tiny, tmp_path, caplog):
+def test_damaged_concept_bank_cache_is_rebuilt(tiny_file, tmp_path, caplog):
+    tiny = tiny_file
     from isearle.concepts import concept_bank
 
     bank = concept_bank(tiny, "shapes", cache_dir=tmp_path, progress=False)
