@@ -163,7 +163,7 @@ def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config
         bank = load_phrase_bank(phrases)
         concepts = concept_bank(backbone, vocabulary, progress=progress)
         names = concepts.top_names(features, config.top_k_concepts)
-        tasks = phrase_tasks(names, bank, config.top_k_concepts)
+        tasks = phrase_tasks(names, bank, config.top_k_concepts, config.concept_match)
         phrase_id = [file_digest(phrases), vocabulary]
     settings = oti_cache_settings(backbone, ids, config, preprocess=preprocess, decode=decode,
                                   features_precision=features_precision, phrase_id=phrase_id,

@@ -58,6 +58,8 @@ class OTIConfig:
     batch_size: int = 32
     seed: int = 0
     templates: tuple[str, ...] = field(default=TEMPLATES)
+    #: How a concept is found in its GPT phrases (`CONCEPT_MATCHES`): "word" (ours), "substring" (SEARLE).
+    concept_match: str = "word"
     #: Speed only: cache the keys/values of the positions before "$" and run the transformer on the
     #: packed suffixes (`isearle.prefix_cache`; exact in fp32). False: the plain fused pass.
     prefix_cache: bool = True
@@ -75,33 +77,46 @@ class PhraseTask:
     pseudo_phrases: list[str]
 
 
-def replace_concept(phrase: str, concept: str, count: int = 1) -> str | None:
-    """The phrase with its first `count` (0: every) standalone mentions of `concept` as " $ ", or None.
+#: How a concept is found in its phrases (`OTIConfig.concept_match`, `PhiTrainConfig.concept_match`):
+#: "word" (a standalone word) or "substring" (SEARLE's `str.replace`, which also finds "cat" in "category").
+CONCEPT_MATCHES = ("word", "substring")
+
+
+def replace_concept(phrase: str, concept: str, count: int = 1, match: str = "word") -> str | None:
+    """The phrase with its first `count` (0: every) mentions of `concept` as " $ ", or None.
 
     SEARLE uses `phrase.replace(concept, " $ ", 1)` in OTI and `phrase.replace(concept, " $ ")` in phi
-    training (case-sensitive); matching whole words only keeps "cat" out of "category".
+    training (case-sensitive): `match="substring"`. "word" matches whole words only, so that S* never
+    stands for a piece of another word ("cat" in "category" -> " $ egory", a prompt with a second
+    literal "$" whose S* learns from a word fragment).
     """
+    if match == "substring":
+        return phrase.replace(concept, " $ ", count or -1) if concept and concept in phrase else None
+    if match != "word":
+        raise ValueError(f"unknown concept match {match!r}: use one of {', '.join(CONCEPT_MATCHES)}")
     pattern = re.compile(r"(?<![\w$])" + re.escape(concept) + r"(?![\w])")
     out, n = pattern.subn(" $ ", phrase, count=count)
     return out if n else None
 
 
-def usable_concepts(phrase_bank: Mapping[str, Sequence[str]]) -> set[str]:
+def usable_concepts(phrase_bank: Mapping[str, Sequence[str]], match: str = "word") -> set[str]:
     """Concepts whose phrases all name them (SEARLE filters out a concept when one phrase does not)."""
-    return {c for c, ps in phrase_bank.items() if ps and all(replace_concept(p, c) for p in ps)}
+    return {c for c, ps in phrase_bank.items() if ps and all(replace_concept(p, c, match=match) for p in ps)}
 
 
 def phrase_tasks(
-    image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15
+    image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15,
+    match: str = "word",
 ) -> list[PhraseTask]:
-    """Per image, every (phrase, phrase-with-$) pair of its top-k distinct usable concepts (SEARLE's OTI)."""
-    usable = usable_concepts(phrase_bank)
+    """Per image, every (phrase, phrase-with-$) pair of its top-k distinct usable concepts (SEARLE's OTI);
+    duplicate phrases are kept (they weight the draw, as in SEARLE)."""
+    usable = usable_concepts(phrase_bank, match)
     tasks = []
     for concepts in image_concepts:
         pairs = []
         for concept in list(dict.fromkeys(str(c).strip() for c in concepts))[:top_k]:
             if concept in usable:
-                pairs += [(p, replace_concept(p, concept)) for p in phrase_bank[concept]]
+                pairs += [(p, replace_concept(p, concept, match=match)) for p in phrase_bank[concept]]
         tasks.append(PhraseTask([p for p, _ in pairs], [q for _, q in pairs]))
     return tasks
 

@@ -184,7 +184,7 @@ def prepare_run(
         names = concepts.top_names(features, store_top_k)
         write_json(out / "concepts.json", dict(zip(ids, names, strict=True)))
         if phrase_bank is not None:
-            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
+            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts, config.concept_match)
     init = None
     if init_phi is not None:
         with torch.inference_mode():

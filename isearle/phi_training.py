@@ -63,6 +63,8 @@ class PhiTrainConfig:
     #: `isearle.precision.COMPUTE_PRECISIONS`: "fp16" is SEARLE's train_phi.py (fp16 autocast + GradScaler
     #: over phi, NT-Xent and the GPT loss, fp32 input features); None: the backbone's (fp16 on CUDA, fp32 on CPU).
     precision: str | None = None
+    #: How a concept is found in its GPT phrases (`isearle.oti.CONCEPT_MATCHES`): "word" (ours), "substring" (SEARLE).
+    concept_match: str = "word"
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +115,8 @@ class PhraseSampler:
     mention of the concept replaced by " $ " (S* takes the first "$", as in SEARLE's encoder)."""
 
     def __init__(self, image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]],
-                 top_k: int) -> None:
-        self.bank, self.usable = phrase_bank, usable_concepts(phrase_bank)
+                 top_k: int, match: str = "word") -> None:
+        self.bank, self.usable, self.match = phrase_bank, usable_concepts(phrase_bank, match), match
         self.concepts = [list(c)[:top_k] for c in image_concepts]
         # an image none of whose top-k concepts is usable has no phrase (SEARLE would redraw forever)
         self.has_phrase = [any(c in self.usable for c in cs) for cs in self.concepts]
@@ -130,7 +132,7 @@ class PhraseSampler:
                 concept = rng.choice(top)
             concepts.append(concept)
         phrases = [rng.choice(self.bank[c]) for c in concepts]
-        pseudo = [replace_concept(p, c, count=0) for p, c in zip(phrases, concepts, strict=True)]
+        pseudo = [replace_concept(p, c, count=0, match=self.match) for p, c in zip(phrases, concepts, strict=True)]
         return rows, phrases, pseudo
 
 
@@ -243,7 +245,7 @@ def train_phi(
     optimizer = torch.optim.AdamW(phi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = None
     if image_concepts is not None and phrase_bank is not None and config.lambda_gpt > 0:
-        sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts)
+        sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts, config.concept_match)
     vocab = backbone.token_embedding.weight.detach()
     features, targets = image_features.float().cpu(), oti_tokens.float().cpu()
     scaler = grad_scaler(device, precision)

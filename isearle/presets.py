@@ -60,8 +60,8 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
     "isearle": Preset("isearle"),
     "searle": Preset(
         "searle",
-        oti={"gamma": 0.0, "max_norm": 0.0},
-        phi={"hard_negatives": False, "lambda_reg": 0.0, "reg_form": "none"},
+        oti={"gamma": 0.0, "max_norm": 0.0, "concept_match": "substring"},
+        phi={"hard_negatives": False, "lambda_reg": 0.0, "reg_form": "none", "concept_match": "substring"},
         mixed_precision=True, decode="searle", phrases="searle",
     ),
 })

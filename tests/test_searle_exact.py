@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from collections import Counter
 
 import pytest
@@ -24,6 +25,7 @@ from isearle.oti import TEMPLATES as OTI_TEMPLATES
 from isearle.oti import OTIObjective, invert, phrase_tasks
 from isearle.phi import Phi
 from isearle.phi_training import PhraseSampler, phi_step, train_phi
+from isearle.phrases import generate_phrases, load_phrase_bank
 from isearle.presets import PRESETS
 
 # SPEC.md / SEARLE src/utils.py get_templates(): PALAVRA's 24, spelling as in the source.
@@ -36,21 +38,51 @@ SPEC_TEMPLATES = [
     "{} photo", "{} image", "{} illustration",
 ]
 # SPEC.md pipeline 3 (OTI) and 4 (phi), SEARLE's argparse defaults where the paper agrees.
+# "substring": SEARLE finds a concept with str.replace (oti_inversion.py, train_phi.py).
 SPEC_OTI = {"steps": 350, "lr": 2e-2, "weight_decay": 0.01, "ema_decay": 0.99, "init_std": 0.02,
             "lambda_content": 1.0, "lambda_gpt": 0.5, "top_k_concepts": 15, "batch_size": 32,
-            "gamma": 0.0, "max_norm": 0.0}
+            "gamma": 0.0, "max_norm": 0.0, "concept_match": "substring"}
 SPEC_PHI = {"epochs": 100, "batch_size": 256, "lr": 1e-4, "weight_decay": 0.01, "temperature": 0.25,
             "lambda_distil": 1.0, "lambda_gpt": 0.75, "top_k_concepts": 150, "dropout": 0.5,
-            "hard_negatives": False, "lambda_reg": 0.0}
+            "hard_negatives": False, "lambda_reg": 0.0, "concept_match": "substring"}
 
-BANK = {  # "tree" is filtered out by SEARLE's rule: one of its phrases lost the concept
-    "dog": ["a photo of dog that runs on the grass", "a photo of dog that sleeps", "a photo of dog near a dog"],
-    "cat": ["a photo of cat that is black", "a photo of cat on a sofa"],
-    "car": ["a photo of car that is red and parked"],
-    "tree": ["a photo of tree that has no leaves", "a photo of a plant"],
-    "ball": ["a photo of ball that is round", "a photo of ball on a ball"],
+# What the language model returns, before any preparation: newlines (single and in runs), runs of dots,
+# duplicate phrases, phrases holding "$", and "cat" inside another word ("category").
+RAW = {
+    "dog": ["a photo of dog that runs on the grass\n\nand barks", "a photo of dog that sleeps...",
+            "a photo of dog that sleeps...", "a photo of dog near a dog", "a photo of dog that costs $5"],
+    "cat": ["a photo of cat that is black\nand sits on a category sign", "a photo of cat on a category.. list"],
+    "car": ["a photo of car that is red and parked..\n"],
+    "tree": ["a photo of tree that has no leaves", "a photo of a plant"],  # filtered: a phrase lost "tree"
+    "ball": ["a photo of ball that is round", "a photo of ball on a ball", "a photo of ball that is round"],
 }
+
+
+def searle_process_phrase(phrase: str) -> str:
+    """src/gpt_phrases_generation.py process_phrase."""
+    phrase = re.sub("(\n)+", ". ", phrase)
+    return re.sub("\\.+", ".", phrase)
+
+
+# SEARLE's bank: every generated text processed, duplicates kept. Phrases holding "$" are left out: SEARLE
+# would put S* on their own "$" (a documented departure, kept in both presets).
+BANK = {k: [searle_process_phrase(p) for p in v if "$" not in p] for k, v in RAW.items()}
 FILTERED = {k for k, v in BANK.items() for p in v if "$" not in p.replace(k, " $ ", 1)}  # SEARLE's filter
+assert FILTERED == {"tree"} and BANK["dog"][1] == BANK["dog"][2] == "a photo of dog that sleeps."
+
+
+@pytest.fixture(scope="module")
+def our_bank(tmp_path_factory) -> dict[str, list[str]]:
+    """The same texts through the project's own path: `isearle phrases --preset searle` preparation,
+    written to a JSON bank and read back by `load_phrase_bank` (what OTI and train-phi load)."""
+    path = tmp_path_factory.mktemp("phrases") / "bank.json"
+    generate_phrases(list(RAW), lambda concept: list(RAW[concept]), cache=path, progress=False,
+                     style=PRESETS["searle"].phrases)
+    return load_phrase_bank(path)
+
+
+def test_searle_phrase_banks_are_prepared_as_searles(our_bank):
+    assert our_bank == BANK  # newlines, dots, duplicates as SEARLE; "$" phrases dropped
 
 
 # ------------------------------------------------------------------------------ SEARLE, written out
@@ -174,8 +206,10 @@ def test_isearle_preset_adds_noise_hard_negatives_and_penalty_only():
     searle, isearle = PRESETS["searle"], PRESETS["isearle"]
     oti_diff = {k for k, v in vars(isearle.oti_config()).items() if vars(searle.oti_config())[k] != v}
     phi_diff = {k for k, v in vars(isearle.phi_config()).items() if vars(searle.phi_config())[k] != v}
-    assert oti_diff == {"gamma"} and isearle.oti_config().gamma > 0
-    assert phi_diff == {"hard_negatives", "lambda_reg", "reg_form"}
+    # and both find a concept as a whole word, where SEARLE's str.replace also finds it inside another word
+    assert oti_diff == {"gamma", "concept_match"} and isearle.oti_config().gamma > 0
+    assert phi_diff == {"hard_negatives", "lambda_reg", "reg_form", "concept_match"}
+    assert isearle.oti_config().concept_match == isearle.phi_config().concept_match == "word"
     assert PRESETS["searle"].oti_config(gamma=0.3).gamma == 0.3  # an explicit option wins
     assert PRESETS["searle"].oti_config(gamma=None).gamma == 0.0  # an option not given does not
 
@@ -184,7 +218,7 @@ def test_isearle_preset_adds_noise_hard_negatives_and_penalty_only():
 NAME_TO_CONCEPTS = [["dog", "cat", " dog"], ["car", "tree", "ball"], ["tree", "cat"], ["ball", "dog", "car"]]
 
 
-def test_oti_step_equals_searles(tiny):
+def test_oti_step_equals_searles(tiny, our_bank):
     assert tiny.placeholder_id == 259
     feats = torch.randn(4, tiny.embed_dim, generator=torch.Generator().manual_seed(1))
     init = torch.randn(4, tiny.token_width, generator=torch.Generator().manual_seed(2)) * 0.02
@@ -192,8 +226,8 @@ def test_oti_step_equals_searles(tiny):
     trace, ema = searle_oti(tiny, feats, NAME_TO_CONCEPTS, init, steps, seed)
 
     cfg = PRESETS["searle"].oti_config(steps=steps, seed=seed)
-    objective = OTIObjective(tiny, feats, phrase_tasks(NAME_TO_CONCEPTS, BANK, cfg.top_k_concepts), cfg,
-                             random.Random(seed))
+    tasks = phrase_tasks(NAME_TO_CONCEPTS, our_bank, cfg.top_k_concepts, cfg.concept_match)
+    objective = OTIObjective(tiny, feats, tasks, cfg, random.Random(seed))
     v = nn.Parameter(init.clone())
     optimizer = torch.optim.AdamW([v], lr=cfg.lr, weight_decay=cfg.weight_decay)
     for step, (ref_loss, ref_grad) in enumerate(trace):
@@ -203,7 +237,7 @@ def test_oti_step_equals_searles(tiny):
         assert abs(loss.item() - ref_loss) <= 1e-5, step
         assert float((v.grad - ref_grad).abs().max()) <= 1e-5 * max(1.0, float(ref_grad.abs().max())), step
         optimizer.step()
-    ours = invert(tiny, feats, cfg, phrase_tasks(NAME_TO_CONCEPTS, BANK, cfg.top_k_concepts), init=init)
+    ours = invert(tiny, feats, cfg, tasks, init=init)
     assert float((ours - ema).abs().max()) <= 1e-5
 
 
@@ -211,7 +245,7 @@ def test_oti_step_equals_searles(tiny):
 PHI_CONCEPTS = [["dog", "cat"], ["car", "ball", "dog"], ["ball"], ["cat", "car"], ["dog", "ball"], ["cat"]]
 
 
-def test_phi_step_equals_searles(tiny):
+def test_phi_step_equals_searles(tiny, our_bank):
     gen = torch.Generator().manual_seed(3)
     feats = torch.randn(6, tiny.embed_dim, generator=gen)
     oti_tokens = torch.randn(6, tiny.token_width, generator=gen)
@@ -219,7 +253,7 @@ def test_phi_step_equals_searles(tiny):
     phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).train()
     ref_phi = copy.deepcopy(phi)
     cfg = PRESETS["searle"].phi_config()
-    sampler = PhraseSampler(PHI_CONCEPTS, BANK, cfg.top_k_concepts)
+    sampler = PhraseSampler(PHI_CONCEPTS, our_bank, cfg.top_k_concepts, cfg.concept_match)
     ours_rand, ref_rand = random.Random(5), random.Random(5)
     vocab = tiny.token_embedding.weight.detach()
     for batch in ([0, 1, 2, 3, 4, 5], [4, 2, 0, 5, 1, 3]):  # two batches: the random streams stay aligned

@@ -45,30 +45,45 @@ def concepts_main(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ phrases
 def add_phrases_arguments(p: argparse.ArgumentParser) -> None:
+    from isearle.phrases import LMConfig
+
+    d = LMConfig()
+    add_preset_argument(p)
     p.add_argument("--vocabulary", default="openimages", help="openimages, imagenet, shapes, or a text file")
     p.add_argument("--generator", choices=["lm", "offline"], default="lm",
                    help="lm: a transformers causal LM (paper: GPT-Neo 2.7B); offline: no download")
-    p.add_argument("--lm-model", default="EleutherAI/gpt-neo-2.7B", help="causal LM for --generator lm")
-    p.add_argument("--samples", type=int, default=256, help="phrases sampled per concept (paper: 256)")
+    p.add_argument("--lm-model", default=d.model, help="causal LM for --generator lm")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"phrases sampled per concept (paper: {d.samples})")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help=f"sequences per generate call (SEARLE: {d.batch_size}, all of a concept at once)")
+    p.add_argument("--device", default=None, help="cuda or cpu for --generator lm (default: cuda, fp16, when present)")
     p.add_argument("--limit", type=int, default=None, help="only the first N concepts (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--out", type=Path, required=True, help="JSON cache {concept: [phrases]}; resumes if it exists")
+    p.add_argument("--out", type=Path, required=True,
+                   help="JSON cache {concept: [phrases]}; a killed run resumes there, concept by concept")
 
 
 def phrases_main(args: argparse.Namespace) -> int:
     from isearle.concepts import load_vocabulary
     from isearle.phrases import LMConfig, generate_phrases, lm_generator, offline_generator
+    from isearle.presets import preset
     from isearle.shapes.captions import phrase_generator
 
     concepts = load_vocabulary(args.vocabulary)[: args.limit]
+    settings: dict = {"generator": args.generator, "vocabulary": args.vocabulary, "samples": args.samples,
+                      "seed": args.seed}
     if args.generator == "lm":
-        gen = lm_generator(LMConfig(model=args.lm_model, samples=args.samples, seed=args.seed))
+        lm = LMConfig(model=args.lm_model, samples=args.samples, batch_size=args.batch_size, seed=args.seed,
+                      device=args.device)
+        settings["lm"] = {k: v for k, v in vars(lm).items() if k not in ("device", "batch_size")}
+        gen = lm_generator(lm)
     else:
         gen = (phrase_generator(args.samples, args.seed) if args.vocabulary == "shapes"
                else offline_generator(min(args.samples, 16), args.seed))
-    bank = generate_phrases(concepts, gen, cache=args.out)
+    style = preset(args.preset).phrases
+    bank = generate_phrases(concepts, gen, cache=args.out, style=style, settings=settings)
     kept = sum(1 for v in bank.values() if v)
-    print(f"{kept} of {len(bank)} concepts kept, {sum(map(len, bank.values()))} phrases in {args.out}")
+    print(f"{kept} of {len(bank)} concepts kept, {sum(map(len, bank.values()))} phrases ({style} style) in {args.out}")
     return 0
 
 
