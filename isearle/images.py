@@ -133,11 +133,12 @@ def load_item(item: ImageSource, draft: int | None = None, decode: str = "robust
 
 
 def check_unreadable(bad: Sequence[tuple[str, str]], total: int, what: str = "images",
-                     max_share: float = MAX_UNREADABLE) -> None:
+                     max_share: float | None = None) -> None:
     """Log the unreadable images of a dataset run (count and names); `UnreadableImages` when more than
-    `max_share` of `total` are bad."""
+    `max_share` (default `MAX_UNREADABLE`) of `total` are bad."""
     if not bad:
         return
+    max_share = MAX_UNREADABLE if max_share is None else max_share
     names = ", ".join(str(name) for name, _ in bad[:10]) + (", ..." if len(bad) > 10 else "")
     if len(bad) > max_share * total:
         raise UnreadableImages(f"{len(bad)} of {total} {what} cannot be read (more than {max_share:.0%}), e.g. "
@@ -232,7 +233,7 @@ def extract_features(backbone: Any, items: Sequence[ImageSource], batch_size: in
 
 def extract_readable(backbone: Any, items: Sequence[ImageSource], batch_size: int = 64, num_workers: int = 0,
                      progress: bool = True, desc: str = "features", decode: str = "searle",
-                     max_share: float = MAX_UNREADABLE) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+                     max_share: float | None = None) -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
     """A dataset run's features: (rows read, their features [n, D], [(row, reason)] of unreadable ones).
     Unreadable images are skipped and logged; more than `max_share` of them raise `UnreadableImages`."""
     rows_read: list[int] = []

@@ -679,3 +679,34 @@ def test_each_part_of_the_oti_cache_key_misses_the_cache(tiny_file, tmp_path, pa
         assert len(shards) == 1 and torch.equal(again, first)
     else:
         assert len(shards) == 2
+
+
+def test_unreadable_images_are_skipped_named_and_counted_up_to_a_threshold(data, tmp_path, monkeypatch, caplog):
+    """As SEARLE's collate_fn, a run skips what it cannot read: an unreadable gallery image leaves the
+    gallery, a query whose reference is unreadable is dropped; both are named in the log and in the
+    result's meta. Above `MAX_UNREADABLE` (1 %) of the images the run fails with one line."""
+    import shutil
+
+    import isearle.images
+    from isearle.images import UnreadableImages
+
+    root, table = data
+    copy = tmp_path / "CIRR"
+    shutil.copytree(root / "CIRR", copy)
+    names = [f"dev-0-{i // 2}-img{i % 2}" for i in range(8)]
+    for i in (4, 6):  # 4: only in the gallery; 6: the reference of query 103
+        (copy / "dev" / f"{names[i]}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(UnreadableImages) as err:
+        evaluate(FakeBackbone(table), "cirr", "val", "image", data=copy, cache_dir=None, progress=False)
+    assert "2 of 8 images cannot be read" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(isearle.images, "MAX_UNREADABLE", 0.3)
+    with caplog.at_level("WARNING"):
+        out = evaluate(FakeBackbone(table), "cirr", "val", "image", data=copy, cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert "skipped 2 of 8 images that cannot be read" in caplog.text and names[6] in caplog.text
+    meta = out["meta"]
+    assert meta["unreadable"] == {"count": 2, "images": [names[4], names[6]], "queries_dropped": 1}
+    assert meta["n_queries"] == 3 and meta["gallery_size"] == 6
+    cached = D.FeatureCache.for_backbone(tmp_path / "cache" / "features", FakeBackbone(table),
+                                         D.load_cirr(copy, "val").cache_namespace)
+    assert len(cached) == 6  # what could not be read is not cached: a repaired file is read next time

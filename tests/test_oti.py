@@ -346,3 +346,30 @@ def test_oti_options_reach_the_run_configuration(tiny, tmp_path):
     assert {k: config[k] for k in ("steps", "batch_size", "lr", "gamma", "max_norm", "seed")} == {
         "steps": 2, "batch_size": 1, "lr": 0.1, "gamma": 0.3, "max_norm": 1.5, "seed": 4}
     assert config["templates"] == list(OTI_TEMPLATES) and config["lambda_gpt"] == 0.0  # no --phrases
+
+
+def test_oti_run_skips_unreadable_images_and_records_them(tiny, tmp_path, monkeypatch):
+    """`isearle oti` over a folder: a file it cannot read is skipped, listed in config.json with the
+    decoding, and a resumed run keeps the same images; above the threshold the run fails."""
+    import isearle.images
+    from isearle.images import UnreadableImages
+    from isearle.oti_runs import invert_images
+
+    paths = []
+    for i, colour in enumerate(("red", "blue", "green")):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 24), colour).save(paths[-1])
+    paths[1].write_bytes(b"not an image")
+    ids = [p.name for p in paths]
+    out = tmp_path / "run"
+    with pytest.raises(UnreadableImages, match="1 of 3 images cannot be read"):
+        invert_images(tiny, ids, paths, out, OTIConfig(steps=1, batch_size=2), progress=False, decode="searle")
+    monkeypatch.setattr(isearle.images, "MAX_UNREADABLE", 0.5)
+    got, tokens = invert_images(tiny, ids, paths, tmp_path / "run2", OTIConfig(steps=1, batch_size=2),
+                                progress=False, decode="searle")
+    assert got == ["0.png", "2.png"] and tokens.shape[0] == 2
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["unreadable"] == ["1.png"] and config["decode"] == "searle" and config["precision"] == "fp32"
+    again, same = invert_images(tiny, ids, paths, tmp_path / "run2", OTIConfig(steps=1, batch_size=2),
+                                progress=False, decode="searle")  # resumed: the stored features are reused
+    assert again == got and torch.equal(same, tokens)
