@@ -373,3 +373,41 @@ def test_oti_run_skips_unreadable_images_and_records_them(tiny, tmp_path, monkey
     again, same = invert_images(tiny, ids, paths, tmp_path / "run2", OTIConfig(steps=1, batch_size=2),
                                 progress=False, decode="searle")  # resumed: the stored features are reused
     assert again == got and torch.equal(same, tokens)
+
+
+def test_an_oti_folder_of_another_backbone_is_refused(tiny, vitb32, tmp_path):
+    """A run folder records its backbone: resuming it with another one, or distilling phi from it with
+    another one, is refused (its shards would mix two kinds of token)."""
+    import dataclasses
+
+    from isearle.artifacts import ArtifactError
+
+    out = tmp_path / "run"
+    invert_dataset(tiny, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                   progress=False)
+    other = dataclasses.replace(tiny, name="isearle-tiny-other")
+    with pytest.raises(ArtifactError, match=r"other settings \(backbone differ\)"):
+        invert_dataset(other, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                       progress=False)
+    retrained = dataclasses.replace(tiny, pretrained="retrained.pt")
+    with pytest.raises(ArtifactError, match=r"other settings \(pretrained differ\)"):
+        invert_dataset(retrained, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                       progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"features": _features(2, tiny.embed_dim)}, str(out / "features.safetensors"),
+              metadata={"ids": json.dumps(["a", "b"])})
+    with pytest.raises(ArtifactError, match="is an OTI run of isearle-tiny-test"):
+        load_runs([out], vitb32)
+
+
+def test_a_shard_holding_other_images_is_redone(tiny, tmp_path):
+    """A second run with new ids in the same folder inverts them: it never returns the first run's ids
+    and tokens from a shard of the same number."""
+    out = tmp_path / "run"
+    cfg = OTIConfig(steps=2, batch_size=2)
+    first_ids, first = invert_dataset(tiny, ["a", "b"], _features(2, tiny.embed_dim), out, cfg, progress=False)
+    new = _features(2, tiny.embed_dim, seed=5)
+    ids, tokens = invert_dataset(tiny, ["c", "d"], new, out, cfg, progress=False)
+    fresh_ids, fresh = invert_dataset(tiny, ["c", "d"], new, tmp_path / "fresh", cfg, progress=False)
+    assert ids == fresh_ids == ["c", "d"] and torch.equal(tokens, fresh) and not torch.equal(tokens, first)
