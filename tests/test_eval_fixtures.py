@@ -710,3 +710,27 @@ def test_unreadable_images_are_skipped_named_and_counted_up_to_a_threshold(data,
     cached = D.FeatureCache.for_backbone(tmp_path / "cache" / "features", FakeBackbone(table),
                                          D.load_cirr(copy, "val").cache_namespace)
     assert len(cached) == 6  # what could not be read is not cached: a repaired file is read next time
+
+
+def test_eval_oti_encodes_its_references_in_otis_precision(data, tiny, monkeypatch):
+    """SEARLE's oti_inversion.py encodes the images it inverts under OTI's autocast: when OTI runs in
+    another precision than the evaluation, the reference features are encoded again in OTI's."""
+    import isearle.evaluation as E
+    from isearle.oti import OTIConfig
+
+    root, _ = data
+    seen: list[tuple[str, int]] = []
+    extract = E.extract_features_cached
+
+    def spy(backbone, ids, *args, **kwargs):
+        seen.append((backbone.precision, len(ids)))
+        return extract(backbone, ids, *args, **kwargs)
+
+    monkeypatch.setattr(E, "extract_features_cached", spy)
+    out = evaluate(tiny, "cirr", "val", "oti", data=root / "CIRR", cache_dir=None, progress=False,
+                   oti=OTIConfig(steps=1, precision="bf16"))
+    assert seen == [("fp32", 8), ("bf16", 4)]  # every image in fp32, then the 4 references in bf16
+    assert out["meta"]["precision"] == "fp32" and out["meta"]["oti"]["precision"] == "bf16"
+    seen.clear()
+    evaluate(tiny, "cirr", "val", "oti", data=root / "CIRR", cache_dir=None, progress=False, oti=OTIConfig(steps=1))
+    assert seen == [("fp32", 8)]  # the same precision: the features are reused

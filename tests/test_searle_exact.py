@@ -316,8 +316,20 @@ def test_phi_training_drops_the_last_partial_batch(tiny, monkeypatch):
 
 # ----------------------------------------------------------------------------- precision (SEARLE's AMP)
 def test_searle_preset_runs_searles_mixed_precision_on_cuda_and_fp32_on_cpu():
+    import argparse
+
+    from isearle.cli.common import oti_config_from
+    from isearle.cli.evaluate import add_eval_arguments
+
     assert PRESETS["searle"].precision("cuda") == "fp16" and PRESETS["searle"].precision("cpu") == "fp32"
     assert PRESETS["isearle"].precision("cuda") is None  # the backbone's own
+    p = argparse.ArgumentParser()
+    add_eval_arguments(p)
+    searle = p.parse_args(["--benchmark", "shapes", "--method", "oti", "--preset", "searle"])
+    assert oti_config_from(searle, "oti_", device="cuda").precision == "fp16"  # `isearle eval --method oti`
+    assert oti_config_from(searle, "oti_", device="cpu").precision == "fp32"
+    given = p.parse_args(["--benchmark", "shapes", "--preset", "searle", "--oti-precision", "bf16"])
+    assert oti_config_from(given, "oti_", device="cuda").precision == "bf16"  # an explicit option wins
 
 
 def test_oti_in_fp16_with_a_grad_scaler_follows_searles_amp_loop(tiny, our_bank, monkeypatch):
