@@ -81,9 +81,11 @@ def index_main(args: argparse.Namespace) -> int:
     if args.ray:
         from isearle.scale import ray_build_gallery_index
 
+        if args.precision != "fp32":
+            raise ValueError("--ray encodes in fp32: drop --precision, or run without --ray")
         index = ray_build_gallery_index(backbone, items, batch_size=args.batch_size, config=config,
                                         index=index, address=args.ray_address, num_workers=args.ray_workers,
-                                        thumbnails=thumbs)
+                                        thumbnails=thumbs, decode=args.decode)
     else:
         encoder = backbone.with_precision(args.precision)
         index = build_gallery_index(encoder, items, args.batch_size, args.num_workers, True, config,

@@ -115,7 +115,7 @@ def oti_main(args: argparse.Namespace) -> int:
         from isearle.scale import ray_oti
 
         ids, tokens = ray_oti(backbone, ids, items, args.out, config, concepts, bank, phi,
-                              address=args.ray_address)
+                              address=args.ray_address, decode=decode_from(args))
     else:
         ids, tokens = invert_images(backbone, ids, items, args.out, config, concepts, bank, phi,
                                     decode=decode_from(args))
