@@ -24,7 +24,7 @@ import time
 
 import gradio as gr
 
-from app_inspector import add_inspector
+from app_inspector import add_inspector, pass_file_through
 from isearle import demo as D
 from isearle.backbone import WeightsUnavailable
 from isearle.demo.inspector import InspectorViews
@@ -72,23 +72,6 @@ def guarded(fn):
             return fn(*args, **kwargs)
 
     return wrapper
-
-
-def pass_file_through(image: gr.Image) -> gr.Image:
-    """Hand uploads to the handler unopened: `isearle.images` checks them and says what is wrong.
-
-    gr.Image would open the file with PIL first and fail with a generic error. (An instance override,
-    not a subclass: Gradio writes a .pyi stub next to any module that subclasses a component.)
-    """
-    original = image.preprocess
-
-    def preprocess(payload):
-        if payload is not None and payload.path:
-            return str(payload.path)
-        return original(payload)
-
-    image.preprocess = preprocess
-    return image
 
 
 def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
@@ -240,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     demo = build(engine, args)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=engine.served_paths(),
+                blocked_paths=engine.private_paths(),
                 max_file_size=args.max_file_size, theme=gr.themes.Soft(), css=CSS, show_error=False)
     return 0
 

@@ -30,6 +30,23 @@ def _bars(pairs: Sequence[Sequence], label: str, value: str = "cosine") -> pd.Da
     return pd.DataFrame({label: [str(p[0]) for p in pairs[:BARS]], value: [float(p[1]) for p in pairs[:BARS]]})
 
 
+def pass_file_through(image: gr.Image) -> gr.Image:
+    """Hand uploads to the handler unopened: `isearle.images` checks them and says what is wrong.
+
+    gr.Image would open the file with PIL first and fail with a generic error. (An instance override,
+    not a subclass: Gradio writes a .pyi stub next to any module that subclasses a component.)
+    """
+    original = image.preprocess
+
+    def preprocess(payload):
+        if payload is not None and payload.path:
+            return str(payload.path)
+        return original(payload)
+
+    image.preprocess = preprocess
+    return image
+
+
 def add_inspector(views: InspectorViews, main: dict[str, gr.components.Component], examples: Sequence[tuple],
                   guarded: Callable, gallery: Callable, gpu: Callable) -> None:
     """The inspector's tabs and events; `main` holds the app's reference, caption, method, steps, top_k,
@@ -126,8 +143,9 @@ def add_inspector(views: InspectorViews, main: dict[str, gr.components.Component
         with gr.Tab("Blend two references", id="blend", elem_id="tab-blend"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=220):
-                    second = gr.Image(label="Second reference (B)", type="filepath", format="png", height=200,
-                                      sources=["upload", "clipboard"], elem_id="blend-second")
+                    second = pass_file_through(gr.Image(
+                        label="Second reference (B)", type="filepath", format="png", height=200,
+                        sources=["upload", "clipboard"], elem_id="blend-second"))
                     second_examples = gr.Dataset(components=["image"], samples=[[p] for p, _, _ in examples],
                                                  type="index", layout="gallery", samples_per_page=12,
                                                  label="pick B", elem_id="blend-examples", visible=bool(examples))

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from isearle.artifacts import atomic_path
+from isearle.artifacts import tensors_bytes, write_bytes
 from isearle.backbone import Backbone
 from isearle.concepts import ConceptBank
 from isearle.oti import OTIConfig, token_norm
+from isearle.paths import public_name
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
 from isearle.retrieval import Hit, Retriever, image_key
 from isearle.service import Service
@@ -299,16 +299,22 @@ class PseudoWord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def token_metadata(insp: Inspector, image: Image.Image, method: str, oti: OTIConfig) -> dict[str, Any]:
-    """What made an image's S*: backbone, method, its settings (OTI config or phi) and the image hash."""
+def token_metadata(insp: Inspector, image: Image.Image, method: str, oti: OTIConfig,
+                   reference_id: str | None = None) -> dict[str, Any]:
+    """What made an image's S*: backbone, method, its settings (OTI config or phi), the image hash and,
+    for a gallery item, its id. Files are named as `paths.public_name` shows them (no server paths)."""
     b = insp.backbone
-    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": insp.service.phi_name}
+    phi = public_name(insp.service.phi_name)
+    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": phi}
     if method == "oti":
         settings["templates"] = len(oti.templates)
         settings["warm_start"] = "phi" if insp.retriever.phi is not None else None
-        settings["phi"] = insp.service.phi_name
-    return {"model": b.name, "pretrained": str(b.pretrained), "method": method, "token_width": b.token_width,
-            "image_hash": image_key(image), "settings": settings}
+        settings["phi"] = phi
+    meta = {"model": b.name, "pretrained": public_name(b.pretrained) or "None", "method": method,
+            "token_width": b.token_width, "image_hash": image_key(image), "settings": settings}
+    if reference_id is not None:
+        meta["reference_id"] = reference_id
+    return meta
 
 
 def token_digest(token: torch.Tensor) -> str:
@@ -320,8 +326,7 @@ def save_token(path: str | Path, token: torch.Tensor, metadata: dict[str, Any]) 
     """S* as safetensors ("pseudo_word" [width]) with its metadata as JSON strings."""
     path = Path(path)
     meta = {"format": TOKEN_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    with atomic_path(path) as tmp:  # a crash never leaves half a file
-        save_file({"pseudo_word": token.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    write_bytes(path, tensors_bytes({"pseudo_word": token.detach().float().cpu().contiguous()}, meta))
     return path
 
 
@@ -345,7 +350,7 @@ def load_token(path: str | Path, backbone: Backbone | None = None) -> PseudoWord
         raise ValueError(f"{path.name} holds a tensor of shape {tuple(token.shape)}, not one pseudo-word")
     if backbone is not None:
         made_for = (meta.get("model"), meta.get("pretrained"))
-        if made_for != (backbone.name, str(backbone.pretrained)) or token.shape[0] != backbone.token_width:
+        if made_for != (backbone.name, public_name(backbone.pretrained) or "None") or token.shape[0] != backbone.token_width:
             raise ValueError(f"{path.name} was made for {made_for[0]}/{made_for[1]} (width {token.shape[0]}), "
                              f"not {backbone.name}/{backbone.pretrained}: choose that backbone")
     return PseudoWord(token, meta)
@@ -367,17 +372,23 @@ class ImageRecord:
                 **{m: v.as_dict() for m, v in self.views.items()}}
 
 
-def inspect_images(insp: Inspector, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
-                   k: int = 10, warm: bool = True, thumbnail: int = 96, progress: bool = True) -> list[ImageRecord]:
-    """Each image's S* by each method (OTI warm-started from phi unless not `warm`), described."""
-    from isearle.images import open_image
-
+def check_methods(insp: Inspector, methods: Sequence[str]) -> list[str]:
+    """The methods of a batch inspection (phi, oti), deduplicated; ValueError for an unknown or unavailable one."""
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in ("phi", "oti")]
     if bad or not methods:
         raise ValueError(f"unknown method {bad[0] if bad else None!r}: use phi, oti or both")
     if "phi" in methods and insp.retriever.phi is None:
         raise ValueError("no phi network for this backbone: pass --phi, or inspect with --method oti")
+    return methods
+
+
+def inspect_images(insp: Inspector, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
+                   k: int = 10, warm: bool = True, thumbnail: int = 96, progress: bool = True) -> list[ImageRecord]:
+    """Each image's S* by each method (OTI warm-started from phi unless not `warm`), described."""
+    from isearle.images import open_image
+
+    methods = check_methods(insp, methods)
     records = []
     for path in tqdm(list(paths), desc="inspect", disable=not progress):
         image = open_image(path)

@@ -33,7 +33,7 @@ from isearle.demo.settings import DEFAULT_OTI_STEPS, entries_from_args
 from isearle.images import BadImage
 from isearle.inspect import ALONE_TEMPLATE, Inspector, describe
 from isearle.oti import OTIConfig
-from isearle.paths import REPO_DIR, slug
+from isearle.paths import REPO_DIR, public_name, slug
 from isearle.retrieval import Hit, LRUCache, Retriever, image_key
 from isearle.runtime import set_threads
 from isearle.service import Service
@@ -335,7 +335,7 @@ class DemoEngine:
         loaded = self.load(key)
         return {"backbone": key, "label": self.label(key), "backbones": list(self.entries),
                 "methods": (["phi"] if loaded.service.phi is not None else []) + ["oti"],
-                "phi": loaded.service.phi_name, "gallery_size": len(loaded.service.index),
+                "phi": public_name(loaded.service.phi_name), "gallery_size": len(loaded.service.index),
                 "context_length": loaded.backbone.context_length, "benchmark": loaded.benchmark,
                 "trained_vocabulary": loaded.trained is not None,
                 "precision": loaded.service.retriever.precision_report()}
@@ -348,13 +348,13 @@ class DemoEngine:
         return list(SHAPES_CAPTIONS if loaded.shapes else PHOTO_CAPTIONS)
 
     def served_paths(self) -> list[str]:
-        """Folders the app may serve files from: thumbnails, galleries, image folders."""
-        paths = {str(self.thumbs.root)}
-        for e in self.entries.values():
-            paths.add(str(e.directory))
-            if e.images is not None:
-                paths.add(str(e.images))
-        return sorted(paths)
+        """The one folder the app serves files from: thumbnails and references at display size (and
+        exported pseudo-words), written by the app. Never a gallery index or an image source folder."""
+        return [str(self.thumbs.root)]
+
+    def private_paths(self) -> list[str]:
+        """Folders never served, whatever else allows them: galleries and the image folders they index."""
+        return sorted({str(p) for e in self.entries.values() for p in (e.directory, e.images) if p is not None})
 
 
 def _warm_image(size: int) -> Image.Image:

@@ -15,6 +15,7 @@ import torch
 
 from isearle.backbone import Backbone, WeightsUnavailable, load_backbone
 from isearle.demo.media import render_spec
+from isearle.paths import public_name
 from isearle.service import Service, load_service
 from isearle.weights import file_digest, weights_file, weights_fingerprint
 
@@ -39,7 +40,8 @@ class GalleryEntry:
 
     @property
     def key(self) -> str:
-        return self.label or str(self.directory)
+        """The entry's name on the page and in API answers: never an absolute server path."""
+        return self.label or str(public_name(self.directory))
 
 
 def slug(text: str) -> str:

@@ -23,6 +23,7 @@ from isearle.retrieval import DEFAULT_TEMPLATE
 
 MAX_CAPTION_CHARS = 1000  # longer input is cut before tokenising (the context is far shorter anyway)
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
+MIN_SIDE = 32  # px: below this a reference holds too little to invert (it is upscaled to the model's input)
 
 
 class CaptionError(ValueError):
@@ -72,6 +73,9 @@ def load_reference(source: str | Path | bytes | Image.Image, max_bytes: int = MA
             notes.append("EXIF orientation applied: the image was turned the way the camera recorded it")
         if frames > 1:
             notes.append(f"animated image: only the first of its {frames} frames was used")
+    if min(image.size) < MIN_SIDE:
+        notes.append(f"the image is only {image.width}×{image.height} px: results mean little below "
+                     f"{MIN_SIDE} px a side; use a larger image")
     return image, notes
 
 

@@ -182,7 +182,8 @@ class InspectorViews:
         items = self.items(a, I.rank(a.insp, mix, a.caption, k, exclude), set())
         view = I.describe(a.insp, mix, 3)
         summary = (f"**S\\* = {1 - alpha:.2f} · A + {alpha:.2f} · B** · ‖S\\*‖ = {view.norm:.3f} (A {float(ta.norm()):.3f}, "
-                   f"B {float(tb.norm()):.3f}) · reads as **{', '.join(w for w, _ in view.tokens)}**")
+                   f"B {float(tb.norm()):.3f}) · reads as **{', '.join(w for w, _ in view.tokens)}**"
+                   + "".join(f"  \n⚠ {who}: {note}" for who, ref in (("A", a), ("B", b)) for note in ref.notes))
         return items, summary, {"alpha": float(alpha), "hits": [it.id for it in items], **view.as_dict(),
                                 "elapsed_ms": round(1000 * (time.perf_counter() - start), 1)}
 
@@ -213,7 +214,8 @@ class InspectorViews:
         """The reference's S* as a safetensors file (name: image hash + method), and its metadata."""
         ref = self.reference(key, reference, None, caption_required=False)
         token = self.token(ref, method, steps)
-        meta = {**I.token_metadata(ref.insp, ref.image, method, self.oti(ref, steps)), "digest": I.token_digest(token)}
+        meta = {**I.token_metadata(ref.insp, ref.image, method, self.oti(ref, steps), ref.ref_id),
+                "digest": I.token_digest(token)}
         folder = Path(folder or self.engine.thumbs.root / "pseudo-words")
         name = f"S-{method}{'-' + str(int(steps)) if method == 'oti' else ''}-{meta['image_hash'][:12]}.safetensors"
         return I.save_token(folder / name, token, meta), meta
@@ -229,13 +231,18 @@ class InspectorViews:
         text = None
         if caption and caption.strip():
             text = prepare_caption(loaded.backbone, caption, loaded.service.retriever.template).caption
-        ref = Reference(key, loaded, self.inspector(loaded), Image.new("RGB", (1, 1)), None, text)
-        items = self.items(ref, I.rank(ref.insp, word.token, text, k))
         meta = word.metadata
+        ref_id = meta.get("reference_id")  # a gallery item's S*: left out and its ground truths marked
+        ref_id = str(ref_id) if ref_id is not None and str(ref_id) in loaded.service.index.metadata else None
+        gts = set(self.engine.truth.get(ref_id, text) or ()) if (loaded.benchmark and text and ref_id) else set()
+        ref = Reference(key, loaded, self.inspector(loaded), Image.new("RGB", (1, 1)), ref_id, text, gts)
+        items = self.items(ref, I.rank(ref.insp, word.token, text, k, ref.exclude))
         shown = I.prompt(ref.insp, text).replace("$", "S\\*")
         summary = (f"S\\* from a file: {meta.get('method', '?')} on {meta.get('model', '?')}, image "
-                   f"`{str(meta.get('image_hash', '?'))[:12]}` · “{shown}”")
-        return items, summary, {"hits": [it.id for it in items], "metadata": meta}
+                   f"`{str(meta.get('image_hash', '?'))[:12]}` · “{shown}”"
+                   + (f" · gallery item `{ref_id}` left out" if ref_id else "") + self.gt_line(ref, items))
+        return items, summary, {"hits": [it.id for it in items], "metadata": meta,
+                                "ground_truth": [it.id for it in items if it.ground_truth]}
 
 
 def _cell(values: Sequence[tuple[str, float]], i: int) -> tuple[str, float | None]:
