@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from isearle.errors import IsearleError
+
 log = logging.getLogger(__name__)
 
 #: Format version of the metadata this module writes; files without one are legacy (version 0).
@@ -43,7 +45,7 @@ CHECKSUMS = "checksums.json"
 _warned: set[str] = set()  # legacy files already reported as unverified (once per process)
 
 
-class ArtifactError(ValueError):
+class ArtifactError(IsearleError, ValueError):
     """A file isearle wrote is missing, damaged or incompatible; the message says what to do."""
 
     def __init__(self, path: str | Path, problem: str, remedy: str) -> None:

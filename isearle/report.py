@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from isearle.artifacts import write_json, write_text
-from isearle.inspect import ImageRecord, Inspector, summarise
+from isearle.errors import NotFound
+from isearle.explain import ImageRecord, summarise
+from isearle.service import Session
 
 log = logging.getLogger(__name__)
 RETRIEVED = 3  # images of the folder shown per S* (its nearest by "a photo of S*")
@@ -180,19 +182,15 @@ def write_report(records: Sequence[ImageRecord], out: str | Path, info: dict[str
 
 
 def open_inspector(model: str, pretrained: str | None, phi: str | None = None, device: str | None = None,
-                   vocabulary: str | None = None, trained_only: bool = True, progress: bool = True) -> Inspector:
-    """An inspector without a gallery (batch inspection): backbone, phi (given or default), concepts.
+                   vocabulary: str | None = None, trained_only: bool = True, progress: bool = True) -> Session:
+    """A session without a gallery (batch inspection): backbone, phi (given or default), concepts.
 
     The concept vocabulary defaults to the shapes world's for its models and ImageNet's otherwise
     (both offline); `trained_only` limits a small model's nearest tokens to those it was trained on.
     """
     from isearle.backbone import WeightsUnavailable, load_backbone
-    from isearle.concepts import concept_bank
-    from isearle.phi import resolve_phi
-    from isearle.retrieval import Retriever
     from isearle.runtime import hub_offline
-    from isearle.service import Service
-    from isearle.vocabulary import SHAPES_MODELS, TokenTable, trained_token_ids
+    from isearle.service import open_session
 
     try:
         backbone = load_backbone(model, pretrained, device)
@@ -201,12 +199,9 @@ def open_inspector(model: str, pretrained: str | None, phi: str | None = None, d
             raise
         raise WeightsUnavailable(f"{err}; offline, the bundled model works: --model isearle-shapes "
                                  f"--pretrained isearle-shapes") from None
-    phi_net, phi_name = resolve_phi(backbone, phi)
-    source = vocabulary or ("shapes" if backbone.name in SHAPES_MODELS else "imagenet")
-    # random weights: a bank cached under their name would be wrong next time
-    bank = concept_bank(backbone, source, progress=progress, cache=pretrained is not None)
-    service = Service(Retriever(backbone, None, phi_net), phi_name)
-    return Inspector(service, TokenTable(backbone), bank, trained_token_ids(backbone) if trained_only else None)
+    session = open_session(backbone, None, phi, vocabulary=vocabulary, trained_only=trained_only)
+    session.concepts(progress=progress)  # built now, with a progress bar
+    return session
 
 
 def inspect_folder(images: str | Path, out: str | Path, model: str, pretrained: str | None,
@@ -219,16 +214,16 @@ def inspect_folder(images: str | Path, out: str | Path, model: str, pretrained: 
     folder's other images by "a photo of S*" (the folder is the gallery)."""
     from tqdm.auto import tqdm
 
-    from isearle.images import BadImage, list_images, open_image
-    from isearle.inspect import check_methods, cosine, describe, image_key, pseudo_tokens
-    from isearle.oti import OTIConfig, token_norm
+    from isearle.explain import check_methods, cosine, describe, pseudo_tokens
+    from isearle.images import BadImage, list_images
+    from isearle.oti import token_norm
     from isearle.paths import public_name
 
     paths = list_images(images)
     if not paths:
-        raise FileNotFoundError(f"no images in {images}: give a folder of PNG / JPEG / WebP files")
+        raise NotFound(f"no images in {images}: give a folder of PNG / JPEG / WebP files")
     insp = open_inspector(model, pretrained, phi, device, vocabulary, progress=progress)
-    oti = insp.service.oti_config(steps or OTIConfig.steps)
+    oti = insp.oti_config(steps)
     methods = check_methods(insp, methods)
     records: list[ImageRecord] = []
     extras = Extras()
@@ -237,38 +232,38 @@ def inspect_folder(images: str | Path, out: str | Path, model: str, pretrained: 
     for path in tqdm(paths, desc="inspect", disable=not progress):
         name = str(Path(path).relative_to(images))  # relative: the report does not depend on where it ran
         try:
-            image = open_image(path)
+            ref = insp.reference(path)
         except BadImage as err:
             log.warning("skipped %s: %s", name, err)
             extras.skipped.append((name, str(err)))
             continue
-        tokens = pseudo_tokens(insp, image, methods, oti, warm)
-        thumb = image.copy()
+        tokens = pseudo_tokens(insp, ref, methods, oti, warm)
+        thumb = ref.image.copy()
         thumb.thumbnail((96, 96))
         cos = cosine(tokens["phi"], tokens["oti"]) if len(tokens) == 2 else None
-        records.append(ImageRecord(name, image_key(image), {m: describe(insp, t, top_k) for m, t in tokens.items()},
+        records.append(ImageRecord(name, ref.key, {m: describe(insp, t, top_k) for m, t in tokens.items()},
                                    cos, thumb))
         token_rows.append(tokens)
-        features.append(F.normalize(insp.backbone.encode_pil([image]), dim=-1)[0].cpu())
-        small = image.copy()
+        features.append(F.normalize(insp.backbone.encode_pil([ref.image]), dim=-1)[0].cpu())
+        small = ref.image.copy()
         small.thumbnail((64, 64))
         extras.thumbnails[name] = _data_uri(small)
     if not records:
-        raise FileNotFoundError(f"no readable images in {images}: all {len(paths)} files were skipped")
+        raise NotFound(f"no readable images in {images}: all {len(paths)} files were skipped")
     extras.retrieved = retrieved_in_folder(insp, token_rows, torch.stack(features), [r.path for r in records])
     info = {"model": insp.backbone.name, "pretrained": public_name(insp.backbone.pretrained) or "None",
-            "phi": public_name(insp.service.phi_name), "methods": list(methods),
+            "phi": public_name(insp.phi_name), "methods": list(methods),
             "oti": {"steps": oti.steps, "gamma": oti.gamma, "max_norm": oti.max_norm,
-                    "warm_start": public_name(insp.service.phi_name) if warm else None} if "oti" in methods else None,
+                    "warm_start": public_name(insp.phi_name) if warm else None} if "oti" in methods else None,
             "vocabulary": len(insp.bank.names), "mean_token_norm": round(token_norm(insp.backbone), 6),
             "images": len(records), "skipped": len(extras.skipped)}
     return write_report(records, out, info, json_twin, extras)
 
 
-def retrieved_in_folder(insp: Inspector, tokens: Sequence[dict[str, torch.Tensor]], features: torch.Tensor,
+def retrieved_in_folder(insp: Session, tokens: Sequence[dict[str, torch.Tensor]], features: torch.Tensor,
                         names: Sequence[str], k: int = RETRIEVED) -> list[dict[str, list[tuple[str, float]]]]:
     """Per image and method: the folder's other images nearest to "a photo of S*" ([(name, cosine)])."""
-    from isearle.inspect import ALONE_TEMPLATE, token_features
+    from isearle.explain import ALONE_TEMPLATE, token_features
 
     out = []
     for row, by_method in enumerate(tokens):

@@ -212,7 +212,7 @@ def test_oti_and_missing_phi(engine, tmp_path, world):
     result = engine.search(None, ref, "is a star", k=3, method="oti", steps=10)
     assert len(result.items) == 3 and result.method == "oti"
     no_phi = D.DemoEngine([D.GalleryEntry(world["gallery"])], "cpu", thumbs_dir=tmp_path / "t")
-    assert no_phi.load().service.phi is None
+    assert no_phi.load().phi is None
     with pytest.raises(ValueError, match="choose OTI"):
         no_phi.search(None, ref, "is a star", method="phi")
     with pytest.raises(BadImage, match="no reference"):
@@ -221,29 +221,29 @@ def test_oti_and_missing_phi(engine, tmp_path, world):
 
 def test_gallery_item_as_reference_is_left_out_and_ground_truth_marked(engine):
     loaded = engine.load()
-    ref_id, gt = loaded.service.index.ids[5], loaded.service.index.ids[:4]
+    ref_id, gt = loaded.index.ids[5], loaded.index.ids[:4]
     path, image = engine.reference_image(engine.default_key, ref_id)
     assert image.size == (D.REFERENCE_SIZE, D.REFERENCE_SIZE)
     engine.truth.table[(ref_id, D.caption_key("is a star instead"))] = gt
-    result = engine.search(None, path, "  Is a STAR instead ", k=len(loaded.service.index) - 1, method="phi")
+    result = engine.search(None, path, "  Is a STAR instead ", k=len(loaded.index) - 1, method="phi")
     ids = [it.id for it in result.items]
-    assert ref_id not in ids and len(ids) == len(loaded.service.index) - 1
+    assert ref_id not in ids and len(ids) == len(loaded.index) - 1
     assert result.reference_id == ref_id and result.gt_ids == gt and result.gt_found == 4
     assert all(it.ground_truth == (it.id in gt) for it in result.items)
     assert next(it.caption for it in result.items if it.ground_truth).endswith(" ✓")
     # the canonical image (what the gallery was embedded from) is queried: image-only finds its twin
-    _, feats = loaded.service.retriever.image_features(engine.resolve_reference(loaded, engine.default_key, image)[0])
+    _, feats = loaded.retriever.image_features(engine.reference(engine.default_key, image))
     vec = torch.nn.functional.normalize(feats, dim=-1).numpy()
-    assert loaded.service.index.search(vec[None], 1)[0][0][0] == ref_id
+    assert loaded.index.search(vec[None], 1)[0][0][0] == ref_id
 
 
 def test_examples_are_registered(engine):
     paths = engine.example_paths()
     assert len(paths) == len(engine.examples.references) == 12
     assert paths[0][1] == engine.examples.references[0].caption and paths[0][2] == "colour"
-    loaded = engine.load()
+    engine.load()
     image = Image.open(paths[0][0]).convert("RGB")
-    _, ref_id = engine.resolve_reference(loaded, engine.default_key, image)
+    ref_id = engine.reference(engine.default_key, image).item_id
     assert ref_id == engine.examples.references[0].reference_id
 
 
@@ -349,11 +349,11 @@ def test_gallery_built_from_an_image_folder_once(world, tmp_path):
     key = engine.default_key
     assert key.startswith(str(tmp_path / "cache" / "hub-isearle-tiny-test-"))
     loaded = engine.load()
-    assert len(loaded.service.index) == 5 and not loaded.benchmark and loaded.service.phi is None
+    assert len(loaded.index) == 5 and not loaded.benchmark and loaded.phi is None
     result = engine.search(None, folder / "red.jpg", "is blue", k=3, method="oti", steps=5)
     assert len(result.items) == 3 and Image.open(result.items[0].image).size[0] <= D.THUMB_SIZE
     assert str(folder) in engine.served_paths()
-    assert [e[2] for e in engine.example_paths()][:2] == loaded.service.index.ids[:2]  # gallery items as examples
+    assert [e[2] for e in engine.example_paths()][:2] == loaded.index.ids[:2]  # gallery items as examples
     assert engine.info()["methods"] == ["oti"] and len(engine.info()["backbones"]) == 2
     again = D.DemoEngine.start(args, warm=False)  # cached: nothing is embedded twice
     assert (Path(key) / "index.json").stat().st_mtime == (Path(again.default_key) / "index.json").stat().st_mtime

@@ -45,7 +45,7 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
     """Retriever(auto) where bf16 is not native and ONNX Runtime is made faster (or slower) by a pause."""
     import time
 
-    from isearle import retrieval
+    from isearle import tuning
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
 
@@ -57,7 +57,7 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
         return out + torch.randn_like(out) * out.abs().max() if spoil else out
 
     monkeypatch.setattr(onnx_text.OnnxText, "__call__", timed)
-    monkeypatch.setattr(retrieval, "bf16_native", lambda device: False)
+    monkeypatch.setattr(tuning, "bf16_native", lambda device: False)
     real_encode = prefix_cache.PromptPrefix.encode
 
     def slow_torch(self, tokens, engine=None):
@@ -67,7 +67,8 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
 
     monkeypatch.setattr(prefix_cache.PromptPrefix, "encode", slow_torch)
     vectors = torch.nn.functional.normalize(torch.randn(30, backbone.embed_dim), dim=-1)
-    retriever = Retriever(backbone, GalleryIndex.build(vectors, [str(i) for i in range(30)], None), precision="auto")
+    retriever = Retriever(backbone, GalleryIndex.build(vectors, [str(i) for i in range(30)], None))
+    tuning.tune(retriever, "auto")
     monkeypatch.setattr(prefix_cache.PromptPrefix, "encode", real_encode)
     return retriever
 
@@ -104,12 +105,13 @@ def test_auto_keeps_pytorch_where_onnx_runtime_is_slower_or_disagrees(tiny, monk
 
 
 def test_without_onnxruntime_auto_stays_on_pytorch(tiny, monkeypatch):
-    from isearle import retrieval
+    from isearle import tuning
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
 
     monkeypatch.setattr(onnx_text, "available", lambda backbone: False)
-    monkeypatch.setattr(retrieval, "bf16_native", lambda device: False)
+    monkeypatch.setattr(tuning, "bf16_native", lambda device: False)
     vectors = torch.nn.functional.normalize(torch.randn(30, tiny.embed_dim), dim=-1)
-    retriever = Retriever(tiny, GalleryIndex.build(vectors, [str(i) for i in range(30)], None), precision="auto")
+    retriever = Retriever(tiny, GalleryIndex.build(vectors, [str(i) for i in range(30)], None))
+    tuning.tune(retriever, "auto")
     assert retriever.text_engine is None and "ONNX" not in retriever.precision_report()
