@@ -30,7 +30,7 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, color:
         ax.invert_yaxis()
         lo = min([0.0, *values])
         hi = max([0.0, *values]) or 1.0
-        ax.set_xlim(lo - 0.05 * (hi - lo), hi + 0.22 * (hi - lo))
+        ax.set_xlim(lo - 0.05 * (hi - lo) if lo < 0 else 0.0, hi + 0.22 * (hi - lo))  # from 0 unless negative
         for i, v in enumerate(values):
             ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
         ax.set_title(title, fontsize=10)

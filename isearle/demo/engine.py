@@ -170,11 +170,15 @@ class DemoEngine:
         oti = session.oti_config(steps)
         cached = session.retriever.cached(ref, cap.caption, method, oti)
         k = max(1, min(int(k), len(session) - len(ref.exclude)))
-        hits = session.search(ref, cap.caption, k, method, oti, progress=progress)
         gts = self.truth.get(ref.item_id, cap.caption) if session.benchmark else None
-        return SearchResult(self.result_items(key, session, hits, set(gts or ())), [*ref.notes, *cap.notes],
-                            cap.used if cap.cut else cap.prompt, method, 1000 * (time.perf_counter() - start),
-                            cached, ref.item_id, gts)
+        # with ground truths, the whole ranking: each one's rank is shown, also outside the top k
+        hits = session.search(ref, cap.caption, len(session) - len(ref.exclude) if gts else k, method, oti,
+                              progress=progress)
+        truth = [h for h in hits if h.id in set(gts or ())]
+        items = self.result_items(key, session, hits[:k], set(gts or ()))
+        return SearchResult(items, [*ref.notes, *cap.notes], cap.used if cap.cut else cap.prompt, method,
+                            1000 * (time.perf_counter() - start), cached, ref.item_id, gts,
+                            self.result_items(key, session, truth, set(gts or ())))
 
     def result_items(self, key: str, session: Session, hits: Sequence[Hit], gts: set[str]) -> list[ResultItem]:
         out = []
