@@ -19,19 +19,41 @@ pytestmark = pytest.mark.browser
 EXAMPLE = 4  # 000108: 3 of its 5 ground truths in the top 10 (the README's screenshots show it)
 GALLERIES = ("#results", "#truth", "#image-only", "#text-only")
 
-#: For each visible picture of the galleries: the points of its box (corners inset, edge middles,
-#: centre) where the page shows something else on top of it (document.elementFromPoint).
+#: For each picture of the galleries, scrolled into view: (1) the points of its box (corners inset,
+#: edge middles, centre) where the page shows something else on top of it (document.elementFromPoint:
+#: clipping, overlays), and (2) every other visible element whose bounding box overlaps the picture's
+#: (labels and chips drawn with pointer-events: none, which elementFromPoint looks through).
 COVERED_JS = """(selectors) => {
   const out = [];
+  const shown = (el) => {
+    for (let e = el; e && e.nodeType === 1; e = e.parentElement) {
+      const cs = getComputedStyle(e);
+      if (cs.display === 'none' || cs.visibility === 'hidden' || parseFloat(cs.opacity) === 0) return false;
+    }
+    return true;
+  };
+  const all = Array.from(document.body.querySelectorAll('*'));
   for (const sel of selectors) {
     document.querySelectorAll(sel + ' .thumbnail-item img').forEach((img, n) => {
+      // the window only is scrolled (elementFromPoint sees the viewport only); scrollIntoView would
+      // also scroll a clipping container and so reveal a picture that a visitor cannot see
+      const before = img.getBoundingClientRect();
+      window.scrollTo(0, before.top + window.scrollY - (window.innerHeight - before.height) / 2);
       const r = img.getBoundingClientRect();
       if (r.width < 2 || r.height < 2) return;
+      const name = `${sel} #${n + 1}`;
       const xs = [r.left + 3, r.left + r.width / 2, r.right - 3], ys = [r.top + 3, r.top + r.height / 2, r.bottom - 3];
       for (const x of xs) for (const y of ys) {
         const top = document.elementFromPoint(x, y);
-        if (top !== img) out.push(`${sel} #${n + 1} at (${Math.round(x - r.left)}, ${Math.round(y - r.top)}): ` +
+        if (top !== img) out.push(`${name} at (${Math.round(x - r.left)}, ${Math.round(y - r.top)}): ` +
                                   (top ? top.tagName + '.' + top.className : 'nothing'));
+      }
+      for (const el of all) {
+        if (el === img || el.contains(img) || img.contains(el)) continue;
+        const b = el.getBoundingClientRect();
+        const w = Math.min(b.right, r.right) - Math.max(b.left, r.left);
+        const h = Math.min(b.bottom, r.bottom) - Math.max(b.top, r.top);
+        if (w > 1 && h > 1 && shown(el)) out.push(`${name} under ${el.tagName}.${el.className} (${Math.round(w)}x${Math.round(h)} px)`);
       }
     });
   }
@@ -114,6 +136,8 @@ def test_a_shared_link_reopens_its_query_and_presentation_mode(app, tmp_path):
         link = page.locator("#share a").get_attribute("href")
         assert link and "ref=" in link and "present=1" in link
         assert not page.locator("#inspector").is_visible()  # the details are put away
+        problems = covered(page)  # three large pictures a row, none cut off
+        assert not problems, problems[:10]
         page.evaluate("window.scrollTo(0, 0)")
         page.screenshot(path=str(shots_dir(tmp_path) / "demo-presentation.png"), full_page=True)
     with page_at(app, 1024, 768, link) as page:
