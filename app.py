@@ -41,6 +41,12 @@ PRESENT_FROM_URL_JS = ("() => { if (/[?&]present=(1|true|yes|on)\\b/.test(locati
                        "document.body.classList.add('isearle-present'); }")
 
 
+#: the panel while the results follow the typing: S* and the picture-only row do not depend on the
+#: caption; the words-only row does, and is brought up to date by Enter or Search
+STALE_PANEL = ("*The made-up word S\\* and the picture-only row are the reference's; the words-only row is for "
+               "the last searched caption: press Enter or Search to update it.*")
+
+
 def gpu(duration: int):
     """spaces.GPU on ZeroGPU, nothing elsewhere."""
     return spaces.GPU(duration=duration) if spaces is not None else (lambda fn: fn)
@@ -164,6 +170,10 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         return (gr.Image(ex.tokens_chart, visible=True), gr.Image(ex.concepts_chart, visible=ex.concepts_chart is not None),
                 gallery(ex.image_only), gallery(ex.text_only), ex.summary,
                 [it.id for it in ex.image_only], [it.id for it in ex.text_only])
+
+    def mark_stale(text):
+        text = (text or "").split(STALE_PANEL)[-1].strip()
+        return f"{STALE_PANEL}  \n{text}"
 
     def refresh_panel(reference, caption, method, steps, backbone, trained_only):
         if not reference or not D.clean_caption(caption):
@@ -310,7 +320,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
             explain_failed, None, panel_outputs, api_name=False)
         query.failure(search_failed, None, cleared, api_name=False)
         caption.input(live_search, [*query_inputs, searched], query_outputs, api_name=False, show_progress="hidden",
-                      trigger_mode="always_last").success(refresh_panel, panel_inputs, panel_outputs, api_name=False,
+                      trigger_mode="always_last").success(mark_stale, [panel], [panel], api_name=False,
                                                           show_progress="hidden")
         trained_only.change(refresh_panel, panel_inputs, panel_outputs, api_name=False)
         for shown, ids in ((results, ids_results), (image_only, ids_image), (text_only, ids_text)):
