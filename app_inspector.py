@@ -177,18 +177,20 @@ def add_inspector(views: InspectorViews, main: dict[str, gr.components.Component
         with gr.Tab("Blend two references", id="blend", elem_id="tab-blend"):
             with gr.Row():
                 with gr.Column(scale=1, min_width=220):
-                    first = gr.Image(label="Reference A (the one above)", type="filepath", height=200,
+                    heading("**Reference A** (the one above)")
+                    first = gr.Image(label="Reference A", show_label=False, type="filepath", height=200,
                                      interactive=False, buttons=[], elem_id="blend-first")
                 with gr.Column(scale=1, min_width=220):
+                    heading("**Reference B**: upload one or pick one below")
                     second = pass_file_through(gr.Image(
-                        label="Second reference (B)", type="filepath", format="png", height=200,
+                        label="Second reference (B)", show_label=False, type="filepath", format="png", height=200,
                         sources=["upload", "clipboard"], elem_id="blend-second"))
                     second_examples = gr.Dataset(components=["image"], samples=[[p] for p, _, _ in examples],
                                                  type="index", layout="gallery", samples_per_page=12,
                                                  label="pick B", elem_id="blend-examples", visible=bool(examples))
                 with gr.Column(scale=3):
                     alpha = gr.Slider(0, 1, value=0.5, step=0.05, label="mix: 0 = only A, 1 = only B",
-                                      info="S* = (1 − mix) · S*_A + mix · S*_B", elem_id="blend-alpha")
+                                      info="the made-up word is (1 − mix) × A's plus mix × B's", elem_id="blend-alpha")
                     blend_status = gr.Markdown(elem_id="blend-status")
                     heading("**Results of the blend** (with the caption, when there is one)")
                     blend_results = result_gallery("blend-results")
