@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from isearle.backbone import Backbone
-from isearle.captions import DEFAULT_TEMPLATE
 from isearle.images import open_image
 from isearle.index import GalleryIndex
 from isearle.oti import OTIConfig
@@ -28,6 +27,7 @@ from isearle.phi import Phi
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
 from isearle.retrieval import Hit, rank
 from isearle.service import Session
+from isearle.templates import DEFAULT_TEMPLATE
 
 
 def invert_image(backbone: Backbone, image: str | Path | bytes | Image.Image, phi: Phi | None = None,

@@ -5,17 +5,19 @@ line) for an empty caption or one holding the placeholder "$".
 
 from __future__ import annotations
 
+import functools
 import html
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from typing import Any
 
 from isearle.backbone import Backbone
 from isearle.errors import IsearleError
 from isearle.pseudo_word import fill_template, normalize_prompt, truncated
+from isearle.templates import DEFAULT_TEMPLATE
 
 MAX_CAPTION_CHARS = 1000  # longer input is cut before tokenising (the context is far shorter anyway)
-DEFAULT_TEMPLATE = "a photo of $ that {}"
 
 
 class CaptionError(IsearleError, ValueError):
@@ -75,6 +77,12 @@ def prepare_caption(backbone: Backbone, caption: str | None, template: str = DEF
     return PreparedCaption(text, prompt, used, notes, cut)
 
 
-def _encode(backbone: Backbone, text: str) -> list[int]:
-    tok = backbone.tokenizer
-    return list(tok.encode(text)) if hasattr(tok, "encode") else backbone.tokenize([text])[0].tolist()
+def _encode(backbone: Backbone, text: str) -> tuple[int, ...]:
+    """Token ids of one word, remembered per tokenizer (a tokenizer call costs ~1 ms; captions repeat words)."""
+    return _encode_word(backbone.tokenizer, text) if hasattr(backbone.tokenizer, "encode") else \
+        tuple(backbone.tokenize([text])[0].tolist())
+
+
+@functools.lru_cache(maxsize=8192)
+def _encode_word(tokenizer: Any, word: str) -> tuple[int, ...]:
+    return tuple(tokenizer.encode(word))

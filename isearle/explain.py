@@ -32,9 +32,8 @@ from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
 from isearle.reference import Reference, image_key
 from isearle.retrieval import Hit
 from isearle.service import Session
+from isearle.templates import ALONE_TEMPLATE
 
-#: The prompt of S* alone: what the inversion captured of the reference, without any caption.
-ALONE_TEMPLATE = "a photo of $"
 #: Names of the two loss curves of a watched OTI run.
 WARM_CURVE, COLD_CURVE = "from phi (warm start)", "from noise N(0, 0.02)"
 #: Format tag of a saved pseudo-word file.

@@ -15,7 +15,7 @@ import torch
 from isearle.backbone import Backbone, WeightsUnavailable, load_backbone
 from isearle.errors import NotFound
 from isearle.gallery_items import render_spec
-from isearle.service import BENCHMARK
+from isearle.service import BENCHMARK, OFFLINE_REBUILD
 from isearle.weights import file_digest, weights_file, weights_fingerprint
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ def build_shapes_gallery(out_dir: str | Path, backbone: Backbone, specs: dict[st
     items = [(i, functools.partial(render_spec, s, size), {"spec": s}) for i, s in specs.items()]
     index = build_gallery_index(backbone, items, batch_size=batch_size, num_workers=0, progress=progress)
     index.info["benchmark"] = benchmark
+    index.info["rebuild"] = OFFLINE_REBUILD
     index.info["render_size"] = size
     index.info["weights"] = weights_fingerprint(backbone.pretrained)
     return index.save(out_dir)

@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from isearle import onnx_text, prefix_cache
 from isearle.backbone import Backbone
-from isearle.captions import DEFAULT_TEMPLATE
 from isearle.errors import BadRequest
 from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
 from isearle.precision import PrecisionChoice
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt, tokenize_prompts
 from isearle.reference import Reference, image_key
+from isearle.templates import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ from isearle.concepts import ConceptBank
 from isearle.defaults import DEFAULTS
 from isearle.errors import BadRequest, NotFound
 from isearle.gallery_items import gallery_image, item_spec, render_spec
+from isearle.index import REBUILD_COMMANDS
 from isearle.oti import OTIConfig
 from isearle.phi import Phi, resolve_phi
 from isearle.reference import Reference, item_key, load_reference
@@ -41,6 +42,9 @@ __all__ = ["BENCHMARK", "SHAPES_MODELS", "Session", "TokenTable", "load_service"
 
 #: `info["benchmark"]` of a gallery embedded from the ShapesCIR scenes (the offline world).
 BENCHMARK = "shapescir"
+#: The command that rebuilds the offline world's gallery (named in a damaged gallery's message).
+OFFLINE_REBUILD = "python -m isearle.demo build-gallery"
+REBUILD_COMMANDS.setdefault(BENCHMARK, OFFLINE_REBUILD)
 
 
 class Session:

@@ -46,6 +46,7 @@ class TokenTable:
         tok = backbone.tokenizer
         special = {getattr(tok, "sot_token_id", None), getattr(tok, "eot_token_id", None), backbone.placeholder_id}
         self.excluded = torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long)
+        self._allowed: dict[frozenset[int], torch.Tensor] = {}  # allowed ids -> their sorted index tensor
 
     @torch.inference_mode()
     def nearest(self, token: torch.Tensor, k: int = 10, allowed: Iterable[int] | None = None
@@ -57,7 +58,10 @@ class TokenTable:
         sims[self.excluded.to(weight.device)] = -2.0
         if allowed is not None:
             mask = torch.full_like(sims, -2.0)
-            idx = torch.tensor(sorted(allowed), dtype=torch.long, device=sims.device)
+            key = frozenset(allowed)
+            idx = self._allowed.get(key)
+            if idx is None:
+                idx = self._allowed[key] = torch.tensor(sorted(key), dtype=torch.long, device=sims.device)
             mask[idx] = sims[idx]
             mask[self.excluded.to(weight.device)] = -2.0
             sims = mask

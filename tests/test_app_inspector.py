@@ -7,11 +7,11 @@ Every view's endpoint is called and its values checked against the query path's 
 from pathlib import Path
 
 import pytest
-from isearle.inspect import token_digest
 from PIL import Image
 from safetensors.torch import load_file
 
 from isearle import demo as D
+from isearle.explain import token_digest
 
 gradio_client = pytest.importorskip("gradio_client")
 import test_app  # noqa: E402

@@ -131,3 +131,11 @@ def test_the_cli_and_the_app_catch_isearle_error():
     app = (REPO / "app.py").read_text(encoding="utf-8")
     assert "except IsearleError as err" in cli
     assert "EXPECTED = (IsearleError,)" in app
+
+
+def test_the_index_names_no_demo_folder_or_command():
+    """A damaged gallery's remedy comes from the gallery (`info["rebuild"]`) or the code that builds
+    its kind (`index.REBUILD_COMMANDS`), not from the index module."""
+    src = (REPO / "isearle" / "index.py").read_text(encoding="utf-8")
+    assert "isearle.demo" not in src and "build-gallery" not in src
+    assert re.search(r"\bgallery_index\b", src) is None  # the offline world's folder

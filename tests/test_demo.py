@@ -393,3 +393,60 @@ def test_latency_stats():
     assert latency_stats([])["n"] == 0
     assert split_app_args(["--n", "5", "--", "--gallery", "g"]) == (["--n", "5"], ["--gallery", "g"])
     assert split_app_args(["--n", "5"]) == (["--n", "5"], [])
+
+
+# ------------------------------------------------------------------ one Reference per request
+def _counting(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_search_then_explain_decode_and_hash_the_upload_once(engine, tmp_path, monkeypatch):
+    """The explanation panel (a second request with the same upload) reuses the search's Reference
+    and its S*, image feature and query: no decode, no hash, no image encoder, no phi pass again."""
+    import isearle.reference as R
+    from isearle.phi import Phi
+
+    session = engine.load()
+    path = tmp_path / "upload.jpg"
+    Image.new("RGB", (640, 480), (200, 40, 90)).save(path, quality=90)
+    calls: dict[str, int] = {}
+    _counting(monkeypatch, R, "open_image", calls)
+    _counting(monkeypatch, R, "image_key", calls)
+    _counting(monkeypatch, type(session.backbone), "encode_pil", calls)
+    _counting(monkeypatch, Phi, "forward", calls)
+    engine.search(None, str(path), "is a star instead", k=5, method="phi")
+    assert calls == {"open_image": 1, "image_key": 1, "encode_pil": 1, "forward": 1}
+    calls.clear()
+    ex = engine.explain(None, str(path), "is a star instead", "phi", k=4)
+    assert calls == {} and len(ex.image_only) == len(ex.text_only) == 4
+    engine.search(None, str(path), "is blue instead", k=5, method="phi")  # a new caption: text pass only
+    assert calls == {}
+
+
+def test_a_large_jpeg_is_decoded_at_the_models_scale(engine, tmp_path):
+    """A 4000x3000 phone photo (EXIF-rotated) is decoded at 1/4 scale by the JPEG decoder itself,
+    turned upright, and encodes to nearly the feature of the full decode."""
+    from isearle.reference import DECODE_SCALE, MIN_DECODE, load_reference
+
+    session = engine.load()
+    big = Image.radial_gradient("L").resize((4000, 3000)).convert("RGB")
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "phone.jpg"
+    big.save(path, quality=85, exif=exif)
+    ref = session.reference(str(path))
+    w, h = ref.image.size
+    target = max(DECODE_SCALE * session.backbone.image_size, MIN_DECODE)
+    assert h > w and target <= w < 2 * target  # upright, and only as large as the model needs
+    assert any("EXIF orientation" in n for n in ref.notes)
+    full, _ = load_reference(str(path))  # no size: the full 3000x4000 decode
+    assert full.size == (3000, 4000)
+    with torch.inference_mode():
+        a, b = session.backbone.encode_pil([ref.image])[0], session.backbone.encode_pil([full])[0]
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99

@@ -115,3 +115,32 @@ def test_without_onnxruntime_auto_stays_on_pytorch(tiny, monkeypatch):
     retriever = Retriever(tiny, GalleryIndex.build(vectors, [str(i) for i in range(30)], None))
     tuning.tune(retriever, "auto")
     assert retriever.text_engine is None and "ONNX" not in retriever.precision_report()
+
+
+def test_the_exported_graph_is_kept_on_disk_per_weights(tiny, tmp_path, monkeypatch):
+    """A second start reads the graph of the same weights instead of exporting it (no exporter call),
+    and computes the same; a damaged file is exported again; random-init weights are never cached."""
+    from isearle.backbone import load_backbone
+
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), checkpoint)
+    backbone = load_backbone("isearle-tiny-test", str(checkpoint), "cpu")
+    first = onnx_text.OnnxText(backbone)
+    path = onnx_text.graph_path(backbone)
+    assert first.exported and path.is_file()
+
+    def no_export(backbone):
+        raise AssertionError("exported again")
+
+    real_export = onnx_text.export
+    monkeypatch.setattr(onnx_text, "export", no_export)
+    second = onnx_text.OnnxText(backbone)
+    assert not second.exported
+    x, past = torch.randn(1, 5, backbone.token_width), torch.randn(len(backbone.text.transformer.resblocks), 2, 1, 6,
+                                                                    backbone.token_width)
+    assert torch.equal(first(x, past), second(x, past))
+    path.write_bytes(b"not a graph")
+    monkeypatch.setattr(onnx_text, "export", real_export)
+    third = onnx_text.OnnxText(backbone)
+    assert third.exported and torch.allclose(third(x, past), first(x, past), atol=1e-6)
+    assert onnx_text.graph_path(tiny) is None  # random init: no key, never cached
