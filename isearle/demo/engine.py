@@ -228,8 +228,7 @@ class DemoEngine:
         return list(SHAPES_CAPTIONS if self.load(key).shapes else PHOTO_CAPTIONS)
 
     def served_paths(self) -> list[str]:
-        """The one folder the app serves files from: thumbnails and references at display size (and
-        exported pseudo-words), written by the app. Never a gallery index or an image source folder."""
+        """The one folder served: the app's thumbnails (display size); never an index or image folder."""
         return [str(self.thumbs.root)]
 
     def private_paths(self) -> list[str]:
