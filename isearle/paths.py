@@ -26,8 +26,8 @@ def slug(text: str) -> str:
 
 def public_name(value: object) -> str | None:
     """How a file or folder is named to users and in files that travel (API answers, exported
-    metadata, reports): relative to the project or the working folder when under one, else its own
-    name; never an absolute server path. Tags and names that are not paths pass unchanged."""
+    metadata, reports): relative to the project or the working folder when under one, else its
+    folder and its name; never an absolute server path. Tags and names that are not paths pass unchanged."""
     if value is None:
         return None
     text = str(value)
@@ -40,4 +40,4 @@ def public_name(value: object) -> str | None:
             return str(resolved.relative_to(root.resolve()))
         except ValueError:
             continue
-    return path.name
+    return str(Path(*[p for p in path.parts[-2:] if p != path.anchor]))
