@@ -1,8 +1,8 @@
 """The pseudo-word views: what S* captured, how OTI found it, and which part of a query mattered.
 
 One set of computations over a `service.Session`, behind the demo's explanation panel, its
-inspector views and `isearle inspect` (so all show the same numbers): a description of S* (norm, nearest vocabulary tokens, nearest concepts of
-"a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
+inspector views and `isearle inspect` (so all show the same numbers): a description of S* (norm,
+nearest vocabulary tokens, nearest concepts of "a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
 generator a plain run consumes, `oti.invert_steps`), phi against OTI, the blend of two
 pseudo-words, each caption word's effect, and S* saved to / loaded from safetensors.
 """
@@ -24,11 +24,11 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from isearle.artifacts import tensors_bytes, write_bytes
-from isearle.backbone import Backbone
+from isearle.backbone import Backbone, encode_tokens
 from isearle.errors import BadRequest
 from isearle.oti import OTIConfig, token_norm
 from isearle.paths import public_name
-from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
+from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt
 from isearle.reference import Reference, image_key
 from isearle.retrieval import Hit
 from isearle.service import Session
@@ -67,20 +67,39 @@ def prompt(insp: Session, caption: str | None) -> str:
     return fill_template(insp.retriever.template, caption) if caption else ALONE_TEMPLATE
 
 
-def nearest_concepts(insp: Session, token: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
-    """The k concepts whose prompt-ensembled features are closest to "a photo of S*" (cosine)."""
-    feat = token_features(insp.backbone, token, [ALONE_TEMPLATE])[0].float().cpu()
+def nearest_concepts(insp: Session, token: torch.Tensor, k: int = 10, feature: torch.Tensor | None = None
+                     ) -> list[tuple[str, float]]:
+    """The k concepts whose prompt-ensembled features are closest to "a photo of S*" (cosine);
+    `feature`: that prompt's normalised feature when already computed."""
+    feat = (token_features(insp.backbone, token, [ALONE_TEMPLATE])[0] if feature is None else feature).float().cpu()
     sims = insp.bank.features.float() @ feat
     top = sims.topk(min(k, len(insp.bank.names)))
     return [(insp.bank.names[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
-def describe(insp: Session, token: torch.Tensor, k: int = 10, trained_only: bool | None = None) -> TokenView:
+def describe(insp: Session, token: torch.Tensor, k: int = 10, trained_only: bool | None = None,
+             alone: torch.Tensor | None = None) -> TokenView:
     """Norm, nearest vocabulary tokens (the trained ones of a small model unless not `trained_only`;
-    None: the session's choice) and nearest concepts of one pseudo-token."""
+    None: the session's choice) and nearest concepts of one pseudo-token (`alone`: the normalised
+    feature of "a photo of S*" when already computed)."""
     norm = float(token.float().norm())
     return TokenView(norm, norm / token_norm(insp.backbone), insp.table.nearest(token, k, insp.allowed(trained_only)),
-                     nearest_concepts(insp, token, k))
+                     nearest_concepts(insp, token, k, alone))
+
+
+@torch.inference_mode()
+def describe_with_caption(insp: Session, token: torch.Tensor, caption: str, k: int = 10,
+                          trained_only: bool | None = None) -> TokenView:
+    """`describe`, with the caption's own feature (the text-only query) computed in the same text
+    pass as "a photo of S*" and left in the query path's cache: at batch 1 a pass costs what
+    reading the weights costs, so two rows cost about one."""
+    retriever, backbone = insp.retriever, insp.backbone
+    if retriever.texts.get(caption) is not None or retriever.query_backbone is not backbone:
+        return describe(insp, token, k, trained_only)
+    tokens = backbone.tokenize([normalize_prompt(ALONE_TEMPLATE), caption])
+    feats = F.normalize(encode_tokens(backbone, tokens, token.to(backbone.device)).float(), dim=-1)
+    retriever.texts.put(caption, feats[1])
+    return describe(insp, token, k, trained_only, feats[0])
 
 
 # ---------------------------------------------------------------------------------- rankings

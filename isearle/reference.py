@@ -22,12 +22,12 @@ __all__ = ["DECODE_SCALE", "MAX_UPLOAD_BYTES", "MIN_DECODE", "BadImage", "Refere
 
 MAX_UPLOAD_BYTES = 25 * 1024 * 1024
 #: A reference is decoded and reduced to at least this many times the model's input size (short
-#: side): enough for the model's own resize, and far fewer pixels to decode and hash than a
-#: 12-megapixel photo. A 640x480 upload for a 224-px model is left untouched.
-DECODE_SCALE = 2
-#: ... and never below this many pixels: pictures up to this size (the demo's 256-px gallery pictures,
-#: a 640x480 photo) are decoded as they are, so their content key does not depend on the model.
-MIN_DECODE = 512
+#: side): enough for the model's own resize (a downscale still), and far fewer pixels to decode,
+#: turn and hash than a 12-megapixel photo (a 4000x3000 JPEG for a 224-px model: decoded at 1/8).
+DECODE_SCALE = 1.5
+#: ... and never below this many pixels: pictures up to this size (the demo's 256-px gallery
+#: pictures, a 640x480 photo) are decoded as they are, so their content key does not depend on the model.
+MIN_DECODE = 256
 MIN_SIDE = 32  # px: below this a reference holds too little to invert (it is upscaled to the model's input)
 
 _MODE_NOTES = {
@@ -96,7 +96,7 @@ def load_reference(source: str | Path | bytes | Image.Image, size: int | None = 
     if isinstance(source, (str, Path)):
         path = Path(source)
         if not path.is_file():
-            raise BadImage("the uploaded file is gone: upload the image again")
+            raise BadImage(f"the image file {path.name} is gone: upload it again (or check the path)")
         nbytes = path.stat().st_size
         if nbytes == 0:
             raise BadImage("the file is empty (0 bytes): upload a PNG, JPEG or WebP image")
@@ -104,7 +104,7 @@ def load_reference(source: str | Path | bytes | Image.Image, size: int | None = 
             raise BadImage(f"the file is too large ({nbytes / 2**20:.1f} MB, limit {max_bytes / 2**20:.0f} MB)")
     notes: list[str] = []
     header = _peek(source)
-    target = max(DECODE_SCALE * size, MIN_DECODE) if size else None
+    target = max(int(DECODE_SCALE * size), MIN_DECODE) if size else None
     image = open_image(source, draft=target if not isinstance(source, Image.Image) else None)
     if target:
         factor = min(image.size) // target

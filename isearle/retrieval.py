@@ -119,7 +119,7 @@ class Hit:
 
 #: What the query path takes as a reference: a `Reference` (decoded and hashed once per request) or a
 #: PIL image (hashed here).
-Image_ = Reference | Image.Image
+ReferenceLike = Reference | Image.Image
 
 
 class Retriever:
@@ -168,11 +168,11 @@ class Retriever:
         return f"text {text}; images {self.image_precision}"
 
     @staticmethod
-    def reference(image: Image_) -> Reference:
+    def reference(image: ReferenceLike) -> Reference:
         """`image` as a `Reference` (a PIL image is hashed here: once per call of the query path)."""
         return image if isinstance(image, Reference) else Reference(image, image_key(image))
 
-    def image_features(self, image: Image_) -> tuple[str, torch.Tensor]:
+    def image_features(self, image: ReferenceLike) -> tuple[str, torch.Tensor]:
         """(content key, un-normalised image feature [D]) of a reference, cached."""
         ref = self.reference(image)
         feats = self.features.get(ref.key)
@@ -181,7 +181,7 @@ class Retriever:
             self.features.put(ref.key, feats)
         return ref.key, feats
 
-    def pseudo_token(self, image: Image_, method: str = "phi", oti: OTIConfig | None = None,
+    def pseudo_token(self, image: ReferenceLike, method: str = "phi", oti: OTIConfig | None = None,
                      progress: bool = False) -> torch.Tensor:
         """S* of a reference by phi or OTI (warm-started from phi when there is one), cached."""
         ref = self.reference(image)
@@ -209,7 +209,7 @@ class Retriever:
         """Cache key of a pseudo-token: one per image, method and (for OTI) step count."""
         return key, method, ((oti or OTIConfig(batch_size=1)).steps if method == "oti" else 0)
 
-    def cached(self, image: Image_ | None, caption: str, method: str = "phi", oti: OTIConfig | None = None) -> str:
+    def cached(self, image: ReferenceLike | None, caption: str, method: str = "phi", oti: OTIConfig | None = None) -> str:
         """What a query would reuse: "query" (its feature), "reference" (the image's S*) or ""."""
         key = self.reference(image).key if image is not None else ""
         if self.queries.get(self._token_key(key, method, oti) + (caption,)) is not None:
@@ -219,13 +219,13 @@ class Retriever:
         return ""
 
     @torch.inference_mode()
-    def phi_token(self, image: Image_) -> torch.Tensor | None:
+    def phi_token(self, image: ReferenceLike) -> torch.Tensor | None:
         """phi's S* [token_width] of a reference, None when no phi is loaded."""
         if self.phi is None:
             return None
         return self.phi(self.image_features(image)[1][None])[0]
 
-    def oti_steps(self, image: Image_, oti: OTIConfig | None = None, warm: bool = True) -> Iterator[OTIStep]:
+    def oti_steps(self, image: ReferenceLike, oti: OTIConfig | None = None, warm: bool = True) -> Iterator[OTIStep]:
         """OTI of one reference step by step (`oti.invert_steps`), warm-started from phi when there is one.
 
         The run `pseudo_token` does, watchable: a warm run that is consumed to its end leaves its
@@ -255,7 +255,7 @@ class Retriever:
         return feat
 
     @torch.inference_mode()
-    def query_feature(self, image: Image_ | None, caption: str, method: str = "phi",
+    def query_feature(self, image: ReferenceLike | None, caption: str, method: str = "phi",
                       oti: OTIConfig | None = None, progress: bool = False) -> torch.Tensor:
         """The normalised query feature [D] of one (reference, caption) pair (cached: a repeat skips the encoders)."""
         if method == "text":
@@ -302,7 +302,7 @@ class Retriever:
     def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
         return rank(self.index, query, k, exclude)
 
-    def query(self, image: Image_ | None, caption: str, k: int = 10, method: str = "phi",
+    def query(self, image: ReferenceLike | None, caption: str, k: int = 10, method: str = "phi",
               oti: OTIConfig | None = None, exclude: Sequence[str] = (), progress: bool = False) -> list[Hit]:
         """Top-k gallery hits for a composed query."""
         return self.search(self.query_feature(image, caption, method, oti, progress), k, exclude)

@@ -143,7 +143,11 @@ class Session:
         return self.retriever.precision_report()
 
     def __len__(self) -> int:
+        """Gallery items (0 without a gallery)."""
         return len(self.index) if self.index is not None else 0
+
+    def __bool__(self) -> bool:  # a session without a gallery is still a session
+        return True
 
     # ------------------------------------------------------------------------------ one request
     def reference(self, source: str | Path | bytes | Image.Image) -> Reference:

@@ -46,25 +46,27 @@ class TokenTable:
         tok = backbone.tokenizer
         special = {getattr(tok, "sot_token_id", None), getattr(tok, "eot_token_id", None), backbone.placeholder_id}
         self.excluded = torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long)
-        self._allowed: dict[frozenset[int], torch.Tensor] = {}  # allowed ids -> their sorted index tensor
+        self._allowed: dict[frozenset[int], torch.Tensor] = {}  # allowed ids -> the rows compared
 
     @torch.inference_mode()
     def nearest(self, token: torch.Tensor, k: int = 10, allowed: Iterable[int] | None = None
                 ) -> list[tuple[str, float]]:
-        """The k most similar vocabulary tokens (readable, cosine), among `allowed` ids when given."""
+        """The k most similar vocabulary tokens (readable, cosine), among `allowed` ids when given
+        (then only those rows are compared: a small model's trained vocabulary is a few hundred)."""
         weight = self.backbone.token_embedding.weight
         t = token.to(weight.device).float()
-        sims = (weight.float() @ t) * self.inv_norm.to(weight.device) / t.norm().clamp_min(1e-8)
-        sims[self.excluded.to(weight.device)] = -2.0
-        if allowed is not None:
-            mask = torch.full_like(sims, -2.0)
+        if allowed is None:
+            sims = (weight.float() @ t) * self.inv_norm.to(weight.device) / t.norm().clamp_min(1e-8)
+            sims[self.excluded.to(weight.device)] = -2.0
+            scores, ids = sims.topk(k)
+        else:
             key = frozenset(allowed)
-            idx = self._allowed.get(key)
-            if idx is None:
-                idx = self._allowed[key] = torch.tensor(sorted(key), dtype=torch.long, device=sims.device)
-            mask[idx] = sims[idx]
-            mask[self.excluded.to(weight.device)] = -2.0
-            sims = mask
-        scores, ids = sims.topk(k)
+            rows = self._allowed.get(key)
+            if rows is None:  # the allowed ids, special tokens left out, sorted
+                keep = sorted(set(key) - set(self.excluded.tolist()))
+                rows = self._allowed[key] = torch.tensor(keep, dtype=torch.long, device=weight.device)
+            sims = (weight[rows].float() @ t) * self.inv_norm.to(weight.device)[rows] / t.norm().clamp_min(1e-8)
+            scores, where = sims.topk(min(k, len(rows)))
+            ids = rows[where]
         return [(readable_token(self.backbone.tokenizer, i), float(s))
                 for s, i in zip(scores.tolist(), ids.tolist(), strict=True) if s > -2.0]

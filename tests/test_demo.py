@@ -423,14 +423,23 @@ def test_search_then_explain_decode_and_hash_the_upload_once(engine, tmp_path, m
     engine.search(None, str(path), "is a star instead", k=5, method="phi")
     assert calls == {"open_image": 1, "image_key": 1, "encode_pil": 1, "forward": 1}
     calls.clear()
+    import isearle.explain as X
+
+    _counting(monkeypatch, X, "encode_tokens", calls)
+    _counting(monkeypatch, type(session.backbone), "encode_texts", calls)
     ex = engine.explain(None, str(path), "is a star instead", "phi", k=4)
-    assert calls == {} and len(ex.image_only) == len(ex.text_only) == 4
+    # one text pass for "a photo of S*" and the caption alone (the text-only ranking) together
+    assert calls == {"encode_tokens": 1} and len(ex.image_only) == len(ex.text_only) == 4
+    with torch.inference_mode():
+        alone = torch.nn.functional.normalize(session.backbone.encode_texts(["is a star instead"]), dim=-1)[0]
+    assert float((session.retriever.texts.get("is a star instead") - alone).abs().max()) <= 1e-5
+    calls.clear()
     engine.search(None, str(path), "is blue instead", k=5, method="phi")  # a new caption: text pass only
     assert calls == {}
 
 
 def test_a_large_jpeg_is_decoded_at_the_models_scale(engine, tmp_path):
-    """A 4000x3000 phone photo (EXIF-rotated) is decoded at 1/4 scale by the JPEG decoder itself,
+    """A 4000x3000 phone photo (EXIF-rotated) is decoded at 1/8 scale by the JPEG decoder itself,
     turned upright, and encodes to nearly the feature of the full decode."""
     from isearle.reference import DECODE_SCALE, MIN_DECODE, load_reference
 
@@ -442,7 +451,7 @@ def test_a_large_jpeg_is_decoded_at_the_models_scale(engine, tmp_path):
     big.save(path, quality=85, exif=exif)
     ref = session.reference(str(path))
     w, h = ref.image.size
-    target = max(DECODE_SCALE * session.backbone.image_size, MIN_DECODE)
+    target = max(int(DECODE_SCALE * session.backbone.image_size), MIN_DECODE)
     assert h > w and target <= w < 2 * target  # upright, and only as large as the model needs
     assert any("EXIF orientation" in n for n in ref.notes)
     full, _ = load_reference(str(path))  # no size: the full 3000x4000 decode

@@ -22,7 +22,7 @@ from isearle.demo.media import REFERENCE_SIZE, ThumbnailCache, gallery_image, re
 from isearle.demo.results import Explanation, ResultItem, SearchResult
 from isearle.demo.settings import DEFAULT_OTI_STEPS
 from isearle.errors import BadRequest, IsearleError, NotFound
-from isearle.explain import ALONE_TEMPLATE, describe
+from isearle.explain import ALONE_TEMPLATE, describe_with_caption
 from isearle.paths import public_name, slug
 from isearle.reference import BadImage, Reference
 from isearle.retrieval import Hit, LRUCache
@@ -197,7 +197,8 @@ class DemoEngine:
         cap = session.caption(caption, check_vocabulary=False)
         method = "oti" if method == "phi" and session.phi is None else method
         oti = session.oti_config(steps)
-        view = describe(session, session.retriever.pseudo_token(ref, method, oti), trained_only=trained_only)
+        token = session.retriever.pseudo_token(ref, method, oti)
+        view = describe_with_caption(session, token, cap.caption, trained_only=trained_only)  # + the text-only query
         which = "trained vocabulary" if session.allowed(trained_only) is not None else "whole vocabulary"
         tokens_chart = bar_chart([w for w, _ in view.tokens], [s for _, s in view.tokens],
                                  f"nearest tokens of S* ({which})")
