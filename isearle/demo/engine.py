@@ -171,14 +171,12 @@ class DemoEngine:
         cached = session.retriever.cached(ref, cap.caption, method, oti)
         k = max(1, min(int(k), len(session) - len(ref.exclude)))
         gts = self.truth.get(ref.item_id, cap.caption) if session.benchmark else None
-        # with ground truths, the whole ranking: each one's rank is shown, also outside the top k
+        marked = set(gts or ())  # with ground truths the whole ranking: their ranks, also outside the top k
         hits = session.search(ref, cap.caption, len(session) - len(ref.exclude) if gts else k, method, oti,
                               progress=progress)
-        truth = [h for h in hits if h.id in set(gts or ())]
-        items = self.result_items(key, session, hits[:k], set(gts or ()))
-        return SearchResult(items, [*ref.notes, *cap.notes], cap.used if cap.cut else cap.prompt, method,
-                            1000 * (time.perf_counter() - start), cached, ref.item_id, gts,
-                            self.result_items(key, session, truth, set(gts or ())))
+        return SearchResult(self.result_items(key, session, hits[:k], marked), [*ref.notes, *cap.notes],
+                            cap.used if cap.cut else cap.prompt, method, 1000 * (time.perf_counter() - start),
+                            cached, ref.item_id, gts, self.result_items(key, session, [h for h in hits if h.id in marked], marked))
 
     def result_items(self, key: str, session: Session, hits: Sequence[Hit], gts: set[str]) -> list[ResultItem]:
         out = []
