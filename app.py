@@ -53,24 +53,24 @@ def gpu(duration: int):
 
 
 class LastErrors:
-    """The last one-line error of each browser session: the page's message line shows it after a
-    failed request (a toast fades; in presentation mode toasts are hidden)."""
+    """The last one-line error of each open page (keyed by Gradio's hash of it): the page's message line
+    shows it after a failed request (a toast fades; in presentation mode toasts are hidden)."""
 
     def __init__(self, size: int = 1024) -> None:
-        self.size, self._by_session = size, collections.OrderedDict()
+        self.size, self._by_page = size, collections.OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, request: gr.Request | None, message: str) -> None:
         key = getattr(request, "session_hash", None)
         if key:
             with self._lock:
-                self._by_session[key] = message
-                while len(self._by_session) > self.size:
-                    self._by_session.popitem(last=False)
+                self._by_page[key] = message
+                while len(self._by_page) > self.size:
+                    self._by_page.popitem(last=False)
 
     def pop(self, request: gr.Request | None) -> str:
         with self._lock:
-            return self._by_session.pop(getattr(request, "session_hash", None), "") or "the request failed"
+            return self._by_page.pop(getattr(request, "session_hash", None), "") or "the request failed"
 
 
 ERRORS = LastErrors()
@@ -79,7 +79,7 @@ ERRORS = LastErrors()
 @contextlib.contextmanager
 def one_line_errors(request: gr.Request | None = None):
     """Expected failures become one-line gr.Error messages; anything else a generic one (logged).
-    The message is also kept for the session's message line (`LastErrors`)."""
+    The message is also kept for the page's message line (`LastErrors`)."""
     try:
         yield
     except gr.Error as err:
