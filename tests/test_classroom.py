@@ -192,3 +192,25 @@ def test_the_cold_oti_curve_draws_what_an_unwatched_cold_run_draws(tmp_path):
     tokens = I.pseudo_tokens(session, image, ["oti"], oti, warm=False)  # what `isearle inspect --cold` makes
     assert I.token_digest(tokens["oti"]) == I.token_digest(
         list(invert_steps(session.backbone, feats[None].clone(), oti))[-1].token[0])
+
+
+def test_an_image_folder_app_serves_no_source_image_and_no_index(tmp_path):
+    """`python app.py --images FOLDER`: the folder's pictures and the gallery built from them are not
+    downloadable; the thumbnails the page shows are."""
+    from isearle.testing import AppProcess
+
+    world = D.build_test_world(tmp_path / "world", n=30)
+    folder = tmp_path / "private-photos"
+    folder.mkdir()
+    for i, colour in enumerate(["red", "green", "blue", "white"]):
+        Image.new("RGB", (48 + i, 40), colour).save(folder / f"{colour}.png")
+    args = ["--images", str(folder), "--model", "isearle-tiny-test", "--pretrained", str(world["checkpoint"]),
+            "--hub-cache", str(tmp_path / "cache"), "--gallery", "", "--examples", str(tmp_path / "none.json")]
+    with AppProcess(args, test_app.app_environment(tmp_path), log=tmp_path / "app.log") as proc:
+        c = gradio_client.Client(proc.url, verbose=False, download_files=False, analytics_enabled=False)
+        hits = c.predict(handle_file(str(folder / "red.png")), "is blue", 3, "oti", STEPS, api_name="/search")[0]
+        assert _status(hits[0]["image"]["url"]) == 200
+        built = next((tmp_path / "cache").glob("hub-*"))
+        for path in [folder / "red.png", folder / "blue.png", built / "index.json", built / "items.json"]:
+            assert path.is_file(), path
+            assert _status(_file_url(proc, path)) in (403, 404), path
