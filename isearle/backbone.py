@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isearle import paths
+from isearle.artifacts import check_legacy
 from isearle.errors import IsearleError
 from isearle.runtime import hub_offline
 
@@ -250,6 +251,8 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
                 f"bundled weights for {name!r} are missing at {path}: restore assets/ from git "
                 f"(git lfs / git checkout) or retrain them with `isearle train-clip`"
             )
+        check_legacy(path, "restore assets/ from git (git checkout assets/models) or retrain them with "
+                           "`isearle train-clip`")  # a flipped bit would change every answer silently
         return str(path)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:

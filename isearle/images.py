@@ -112,7 +112,7 @@ def open_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning: under -W error
         raise BadImage(f"image too large (decompression-bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImage(f"not a readable image ({type(err).__name__}): upload a PNG, JPEG or WebP file") from err
+        raise BadImage(f"not a readable image ({type(err).__name__}): use a PNG, JPEG or WebP file") from err
 
 
 def list_images(folder: str | Path) -> list[Path]:
