@@ -154,14 +154,17 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
             gr.Warning(note)
         return out
 
-    def live_search(reference, caption, k, method, steps, backbone, present, searched):
-        """While typing: the results follow the caption when the reference (and its S*) is cached."""
+    def live_search(reference, caption, k, method, steps, backbone, present, searched, panel_text):
+        """While typing: the results follow the caption when the reference (and its S*) is cached; the
+        panel is marked as the last searched caption's only when the results did change (a skipped
+        keystroke leaves the panel alone, so it cannot overwrite an explanation that is on its way)."""
+        skipped = [gr.skip()] * 11
         if not reference or searched != [reference, method, int(steps), backbone] or not D.clean_caption(caption):
-            return [gr.skip()] * 10
+            return skipped
         try:
-            return run_search(reference, caption, k, method, steps, backbone, present)[0]
+            return [*run_search(reference, caption, k, method, steps, backbone, present)[0], mark_stale(panel_text)]
         except IsearleError:
-            return [gr.skip()] * 10  # a half-typed caption: the Search button gives the message
+            return skipped  # a half-typed caption: the Search button gives the message
 
     @gpu(30)
     @guarded
@@ -319,9 +322,8 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         query.success(explain, panel_inputs, panel_outputs, api_name="explain").failure(
             explain_failed, None, panel_outputs, api_name=False)
         query.failure(search_failed, None, cleared, api_name=False)
-        caption.input(live_search, [*query_inputs, searched], query_outputs, api_name=False, show_progress="hidden",
-                      trigger_mode="always_last").success(mark_stale, [panel], [panel], api_name=False,
-                                                          show_progress="hidden")
+        caption.input(live_search, [*query_inputs, searched, panel], [*query_outputs, panel], api_name=False,
+                      show_progress="hidden", trigger_mode="always_last")
         trained_only.change(refresh_panel, panel_inputs, panel_outputs, api_name=False)
         for shown, ids in ((results, ids_results), (image_only, ids_image), (text_only, ids_text)):
             shown.select(use_as_reference, [backbone, ids], [reference, status], api_name=False)

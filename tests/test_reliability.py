@@ -705,10 +705,10 @@ def test_app_shows_a_damaged_gallery_in_one_line(offline_world, tmp_path):
     shutil.copytree(offline_world, other)
     (other / "items.json").write_text("{")
     engine = D.DemoEngine.start(_app_args(Path(f"{other},{offline_world}")), warm=False)
-    assert list(engine.entries) == [str(offline_world)]
+    assert list(engine.entries) == [D.GalleryEntry(offline_world).key]
     assert len(engine.notices) == 1 and "other/items.json is truncated (1 of" in engine.notices[0]
-    engine.entries[str(other)] = D.GalleryEntry(other)  # the user picks it anyway
+    engine.entries[D.GalleryEntry(other).key] = D.GalleryEntry(other)  # the user picks it anyway
     with pytest.raises(gr.Error) as e:
-        app.guarded(engine.load)(str(other))
+        app.guarded(engine.load)(D.GalleryEntry(other).key)
     one_line(ValueError(e.value.message), "other/items.json is truncated (1 of", "rebuild it with `python -m isearle.demo")
-    assert len(engine.search(str(offline_world), Image.new("RGB", (64, 64), "red"), "is blue", 3, "phi", 10).items) == 3
+    assert len(engine.search(D.GalleryEntry(offline_world).key, Image.new("RGB", (64, 64), "red"), "is blue", 3, "phi", 10).items) == 3
