@@ -27,10 +27,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +49,17 @@ SMALL_PANEL_GOAL, PHONE_RATIO_GOAL, PANEL_RATIO_GOAL = 400.0, 1.3, 1.3
 POLICY_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "ISEARLE_PRECISION", "ISEARLE_THREADS")
 
 
+#: Loaded first by an app whose torch thread count the bench sets (`--*-threads`): every
+#: `isearle.runtime.set_threads` call of that process then asks for that many torch threads.
+THREADS_HOOK = """import os
+import isearle.runtime as _runtime
+_set_threads, _n = _runtime.set_threads, int(os.environ["ISEARLE_BENCH_TORCH_THREADS"])
+def set_threads(threads=0, faiss_threads=1):
+    return _set_threads(_n, faiss_threads)
+_runtime.set_threads = set_threads
+"""
+
+
 @dataclass
 class Side:
     """One app: a checkout, its environment, and what it measured."""
@@ -56,6 +67,7 @@ class Side:
     name: str
     directory: Path
     env: dict[str, str]
+    threads: int = 0  # torch threads of the app (0: its own choice)
     times: dict[str, list[float]] = field(default_factory=dict)
 
     def record(self, key: str, value: float | None) -> None:
@@ -70,6 +82,7 @@ class Side:
             rev = "?"
         policy = {v: self.env.get(v, os.environ.get(v, "unset")) for v in POLICY_VARS}
         extra = " ".join(f"{k}={v}" for k, v in self.env.items() if k not in POLICY_VARS)
+        policy["torch threads"] = str(self.threads) if self.threads else "the app's choice"
         return (f"{self.name}: {self.directory} @ {rev or '?'}; " + ", ".join(f"{k}={v}" for k, v in policy.items())
                 + (f"; {extra}" if extra else ""))
 
@@ -98,34 +111,35 @@ def world_arguments(world: str, cache: Path, tmp: Path) -> list[str]:
 
 
 def start_apps(sides: list[Side], args: list[str], tmp: Path, timeout: float) -> list:
-    """Every side's `app.py` started at once (threads), each importing its own checkout."""
+    """Every side's `app.py` started, each importing its own checkout."""
     from isearle.testing import AppProcess
 
     apps = []
     for side in sides:
         folder = tmp / side.name
         (folder / "gradio").mkdir(parents=True, exist_ok=True)
-        env = {"PYTHONPATH": str(side.directory), "TMPDIR": str(folder), "GRADIO_TEMP_DIR": str(folder / "gradio"),
-               **side.env}
+        path = [str(side.directory)]
+        if side.threads:
+            (folder / "hook").mkdir(exist_ok=True)
+            (folder / "hook" / "sitecustomize.py").write_text(THREADS_HOOK)
+            path.append(str(folder / "hook"))
+        env = {"PYTHONPATH": os.pathsep.join(path), "TMPDIR": str(folder), "GRADIO_TEMP_DIR": str(folder / "gradio"),
+               "ISEARLE_BENCH_TORCH_THREADS": str(side.threads), **side.env}
         apps.append(AppProcess(args, env, timeout=timeout, app=side.directory / "app.py", log=folder / "app.log"))
-    errors: list[BaseException] = []
-
-    def start(app) -> None:
-        try:
+    try:  # one after the other: the second finds what the first wrote to the shared disk caches
+        for app in apps:
             app.start()
-        except BaseException as err:  # reported below, after every start has ended
-            errors.append(err)
-
-    threads = [threading.Thread(target=start, args=(a,)) for a in apps]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        for a in apps:
-            a.stop()
-        raise errors[0]
+    except BaseException:
+        for app in apps:
+            app.stop()
+        raise
     return apps
+
+
+def logged_threads(app_log: str) -> str:
+    """The torch thread count an app logged at start-up (app.py: "... (torch threads N)")."""
+    m = re.search(r"torch threads \d+", app_log)
+    return m.group(0) if m else "torch threads not logged"
 
 
 def run_world(world: str, sides: list[Side], opts: argparse.Namespace, tmp: Path) -> dict:
@@ -139,7 +153,8 @@ def run_world(world: str, sides: list[Side], opts: argparse.Namespace, tmp: Path
     log(f"{world}: starting {len(sides)} app(s); load {load_line()}")
     t = time.perf_counter()
     apps = start_apps(sides, args, tmp / world, opts.start_timeout)
-    log(f"{world}: apps up in {time.perf_counter() - t:.0f} s")
+    log(f"{world}: apps up in {time.perf_counter() - t:.0f} s; "
+        + "; ".join(f"{s.name}: {logged_threads(a.log(100_000))}" for s, a in zip(sides, apps, strict=True)))
     total = opts.warmup + opts.rounds
     uploads = {kind: make_uploads(tmp / world / "uploads", total * 2, kind) for kind in ("small", "phone")}
     for side in sides:
@@ -285,6 +300,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="environment of the baseline app (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")
     p.add_argument("--candidate-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the candidate app (repeatable)")
+    p.add_argument("--baseline-threads", type=int, default=0, help="torch threads of the baseline app (default: its own)")
+    p.add_argument("--candidate-threads", type=int, default=0, help="torch threads of the candidate app")
     p.add_argument("--worlds", nargs="+", choices=["offline", "vitb32", "test"], default=["offline", "vitb32"])
     p.add_argument("--rounds", type=int, default=8, help="timed rounds (each: every case on every side)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -304,8 +321,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit(f"no chromium at {opts.chromium}: apt-get install -y chromium, or pass --chromium PATH")
     sides = []
     if opts.baseline:
-        sides.append(Side("baseline", opts.baseline.resolve(), parse_env(opts.baseline_env)))
-    sides.append(Side("candidate", opts.candidate.resolve(), parse_env(opts.candidate_env)))
+        sides.append(Side("baseline", opts.baseline.resolve(), parse_env(opts.baseline_env), opts.baseline_threads))
+    sides.append(Side("candidate", opts.candidate.resolve(), parse_env(opts.candidate_env), opts.candidate_threads))
     for s in sides:
         if not (s.directory / "app.py").is_file():
             raise SystemExit(f"no app.py in {s.directory}: pass a checkout of the project")
