@@ -11,8 +11,9 @@ Headline: ms from the visitor's click (or keystroke) to the results painted in t
 and the gradio_client round trips of the same requests (/search, then /explain as the page
 chains them). Each upload is a picture neither app has seen. Worlds: "offline" (each checkout's
 default gallery_index, the shapes world), "vitb32" (ViT-B/32 with random-init weights saved as
-a checkpoint, a random phi of SEARLE's shape, bench d's 100k clustered vectors: latency only;
-pretrained weights cannot be downloaded here) and "test" (the tiny random test world; --quick).
+a checkpoint, a random phi of SEARLE's shape, bench d's 100k clustered vectors, a concept bank of
+random features: latency only; pretrained weights cannot be downloaded here) and "test" (the
+tiny random test world; --quick).
 
 Each side may get its own environment (`--baseline-env OMP_WAIT_POLICY=PASSIVE`), and both sides
 may be the same checkout, to choose a runtime setting by the end-to-end number:
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,14 +51,26 @@ SMALL_PANEL_GOAL, PHONE_RATIO_GOAL, PANEL_RATIO_GOAL = 400.0, 1.3, 1.3
 POLICY_VARS = ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "ISEARLE_PRECISION", "ISEARLE_THREADS")
 
 
-#: Loaded first by an app whose torch thread count the bench sets (`--*-threads`): every
-#: `isearle.runtime.set_threads` call of that process then asks for that many torch threads.
-THREADS_HOOK = """import os
-import isearle.runtime as _runtime
-_set_threads, _n = _runtime.set_threads, int(os.environ["ISEARLE_BENCH_TORCH_THREADS"])
-def set_threads(threads=0, faiss_threads=1):
-    return _set_threads(_n, faiss_threads)
-_runtime.set_threads = set_threads
+#: Loaded first (as sitecustomize) by an app the bench adjusts: with ISEARLE_BENCH_TORCH_THREADS,
+#: every `isearle.runtime.set_threads` call asks for that many torch threads; with
+#: ISEARLE_BENCH_RANDOM_CONCEPTS (the random-weights ViT-B/32 world), the concept bank is random
+#: features of its shape instead of 1,000 names x 24 prompts through the text encoder, hours on two
+#: busy cores and meaningless with random weights (the panel's cost per query is the same).
+HOOK = """import os
+if os.environ.get("ISEARLE_BENCH_TORCH_THREADS", "0") != "0":
+    import isearle.runtime as _runtime
+    _set_threads, _n = _runtime.set_threads, int(os.environ["ISEARLE_BENCH_TORCH_THREADS"])
+    def set_threads(threads=0, faiss_threads=1):
+        return _set_threads(_n, faiss_threads)
+    _runtime.set_threads = set_threads
+if os.environ.get("ISEARLE_BENCH_RANDOM_CONCEPTS"):
+    import torch
+    import torch.nn.functional as F
+    from isearle import concepts as _concepts
+    def build(cls, backbone, names, *args, **kwargs):
+        g = torch.Generator().manual_seed(0)
+        return cls(list(names), F.normalize(torch.randn(len(names), backbone.embed_dim, generator=g), dim=-1))
+    _concepts.ConceptBank.build = classmethod(build)
 """
 
 
@@ -110,7 +124,7 @@ def world_arguments(world: str, cache: Path, tmp: Path) -> list[str]:
     return ["--gallery", str(built["gallery"]), "--phi", str(built["phi"])]
 
 
-def start_apps(sides: list[Side], args: list[str], tmp: Path, timeout: float) -> list:
+def start_apps(sides: list[Side], args: list[str], tmp: Path, timeout: float, random_concepts: bool = False) -> list:
     """Every side's `app.py` started, each importing its own checkout."""
     from isearle.testing import AppProcess
 
@@ -118,13 +132,11 @@ def start_apps(sides: list[Side], args: list[str], tmp: Path, timeout: float) ->
     for side in sides:
         folder = tmp / side.name
         (folder / "gradio").mkdir(parents=True, exist_ok=True)
-        path = [str(side.directory)]
-        if side.threads:
-            (folder / "hook").mkdir(exist_ok=True)
-            (folder / "hook" / "sitecustomize.py").write_text(THREADS_HOOK)
-            path.append(str(folder / "hook"))
-        env = {"PYTHONPATH": os.pathsep.join(path), "TMPDIR": str(folder), "GRADIO_TEMP_DIR": str(folder / "gradio"),
-               "ISEARLE_BENCH_TORCH_THREADS": str(side.threads), **side.env}
+        (folder / "hook").mkdir(exist_ok=True)
+        (folder / "hook" / "sitecustomize.py").write_text(HOOK)
+        env = {"PYTHONPATH": os.pathsep.join([str(side.directory), str(folder / "hook")]), "TMPDIR": str(folder),
+               "GRADIO_TEMP_DIR": str(folder / "gradio"), "ISEARLE_BENCH_TORCH_THREADS": str(side.threads),
+               "ISEARLE_BENCH_RANDOM_CONCEPTS": "1" if random_concepts else "", **side.env}
         apps.append(AppProcess(args, env, timeout=timeout, app=side.directory / "app.py", log=folder / "app.log"))
     try:  # one after the other: the second finds what the first wrote to the shared disk caches
         for app in apps:
@@ -152,7 +164,7 @@ def run_world(world: str, sides: list[Side], opts: argparse.Namespace, tmp: Path
     args = world_arguments(world, opts.cache, tmp) + opts.app_args
     log(f"{world}: starting {len(sides)} app(s); load {load_line()}")
     t = time.perf_counter()
-    apps = start_apps(sides, args, tmp / world, opts.start_timeout)
+    apps = start_apps(sides, args, tmp / world, opts.start_timeout, random_concepts=world == "vitb32")
     log(f"{world}: apps up in {time.perf_counter() - t:.0f} s; "
         + "; ".join(f"{s.name}: {logged_threads(a.log(100_000))}" for s, a in zip(sides, apps, strict=True)))
     total = opts.warmup + opts.rounds
@@ -315,6 +327,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--json", type=Path, help="also write every measurement here")
     opts = p.parse_args(argv)
     opts.app_args = app_args
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the apps (finally blocks) when terminated
     if opts.quick:
         opts.worlds, opts.rounds, opts.warmup = ["test"], 1, 0
     if not Path(opts.chromium).is_file():
