@@ -243,7 +243,7 @@ def stat_text(side: Side, key: str) -> str:
 def world_rows(world: str, sides: list[Side], live: list[bool]) -> tuple[list[Row], list[str]]:
     """Result rows, goal rows and printable lines of one world."""
     rows: list[Row] = []
-    lines = [f"{'':62}" + "".join(f"{s.name:>28}" for s in sides) + ("   candidate/baseline (paired)" if len(sides) == 2 else "")]
+    lines = [f"{'':62}" + "".join(f"{s.name:>28}" for s in sides) + (f"   {sides[-1].name}/{sides[0].name} (paired)" if len(sides) == 2 else "")]
     for how in ("browser", "client"):
         for key, label, event, panel in CASES:
             parts = [("results", "results")] + ([("panel", "results + panel")] if panel else [])
@@ -314,6 +314,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
                    help="environment of the candidate app (repeatable)")
     p.add_argument("--baseline-threads", type=int, default=0, help="torch threads of the baseline app (default: its own)")
     p.add_argument("--candidate-threads", type=int, default=0, help="torch threads of the candidate app")
+    p.add_argument("--labels", nargs=2, default=["baseline", "candidate"], metavar=("BASELINE", "CANDIDATE"),
+                   help="names of the two sides in the output, e.g. PASSIVE default")
     p.add_argument("--worlds", nargs="+", choices=["offline", "vitb32", "test"], default=["offline", "vitb32"])
     p.add_argument("--rounds", type=int, default=8, help="timed rounds (each: every case on every side)")
     p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -334,8 +336,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
         raise SystemExit(f"no chromium at {opts.chromium}: apt-get install -y chromium, or pass --chromium PATH")
     sides = []
     if opts.baseline:
-        sides.append(Side("baseline", opts.baseline.resolve(), parse_env(opts.baseline_env), opts.baseline_threads))
-    sides.append(Side("candidate", opts.candidate.resolve(), parse_env(opts.candidate_env), opts.candidate_threads))
+        sides.append(Side(opts.labels[0], opts.baseline.resolve(), parse_env(opts.baseline_env), opts.baseline_threads))
+    sides.append(Side(opts.labels[1], opts.candidate.resolve(), parse_env(opts.candidate_env), opts.candidate_threads))
     for s in sides:
         if not (s.directory / "app.py").is_file():
             raise SystemExit(f"no app.py in {s.directory}: pass a checkout of the project")
