@@ -189,6 +189,10 @@ def run_world(world: str, sides: list[Side], opts: argparse.Namespace, tmp: Path
     finally:
         for app in apps:
             app.stop()
+    streams = [pg.open_streams for pg in pages]
+    if any(streams):
+        log(f"{world}: result streams left open (counted as done once the page stayed unchanged 5 s): "
+            + ", ".join(f"{s.name} {n}" for s, n in zip(sides, streams, strict=True)))
     return {"live": [pg.live for pg in pages], "loads": loads}
 
 

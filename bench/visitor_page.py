@@ -91,6 +91,11 @@ WAIT_JS = """([sel, k, expect, wantPanel, timeoutMs]) => new Promise((resolve) =
 })"""
 
 
+#: What the page shows of a query (status, results, panel): unchanged while nothing arrives.
+SHOWN_JS = """(sel) => [sel.status, sel.results, sel.panel, sel.panel_chart].map(
+  s => Array.from(document.querySelectorAll(s)).map(e => e.currentSrc || e.src || e.innerText).join("|")).join("\\n")"""
+
+
 def types_to_search(url: str) -> bool:
     """Whether the app searches as the caption is typed: an event on the caption's input/change
     that writes the results (read from the app's config, not from the page)."""
@@ -115,6 +120,7 @@ class BrowserSide:
     live: bool = False  # the app searches while the caption is typed
     timeout_ms: float = 120_000
     inflight: set = field(default_factory=set)
+    open_streams: int = 0  # settles that let a stream left open count as done
 
     @classmethod
     def open(cls, browser: Any, url: str, k: int) -> BrowserSide:
@@ -132,16 +138,28 @@ class BrowserSide:
         if "/gradio_api/" in request.url and not any(s in request.url for s in ("/file=", "/heartbeat")):
             (self.inflight.add if started else self.inflight.discard)(request)
 
-    def settle(self, quiet_ms: float = 400, timeout_s: float = 120) -> None:
-        """Wait until no request to the app is in flight for `quiet_ms` (a search and its panel are done)."""
+    def settle(self, quiet_ms: float = 400, timeout_s: float = 120, stream_grace_s: float = 5) -> None:
+        """Wait until no request to the app is in flight for `quiet_ms` (a search and its panel are done).
+
+        A result stream (queue/data) left open while nothing on the page has changed for
+        `stream_grace_s` counts as done: Gradio sometimes keeps a session's stream open after its
+        last event.
+        """
         deadline, quiet_since = time.monotonic() + timeout_s, None
+        shown, shown_since = None, time.monotonic()
         while time.monotonic() < deadline:
             self.page.wait_for_timeout(50)
-            if self.inflight:
+            now = time.monotonic()
+            seen = self.page.evaluate(SHOWN_JS, SELECTORS)
+            if seen != shown:
+                shown, shown_since = seen, now
+            busy = [r for r in self.inflight if "/queue/data" not in r.url or now - shown_since < stream_grace_s]
+            if busy:
                 quiet_since = None
             elif quiet_since is None:
-                quiet_since = time.monotonic()
-            elif (time.monotonic() - quiet_since) * 1000 >= quiet_ms:
+                quiet_since = now
+            elif (now - quiet_since) * 1000 >= quiet_ms:
+                self.open_streams += bool(self.inflight)
                 return
         raise TimeoutError(f"{self.url}: requests still in flight after {timeout_s} s: "
                            f"{sorted(r.url for r in self.inflight)}")
