@@ -161,3 +161,24 @@ def test_quick_run_against_the_app(tmp_path, monkeypatch):
                  for w in ("results", "results + panel")}
         assert small["results + panel"] > small["results"]
     assert any(r["bench"] == "goal" for r in rows)
+
+
+def test_app_hook_sets_torch_threads_and_a_random_concept_bank(tmp_path):
+    """The sitecustomize an adjusted app loads: every set_threads call gets the bench's thread
+    count, and a concept bank is random features of its shape, built without the text encoder."""
+    import os
+    import subprocess
+
+    (tmp_path / "sitecustomize.py").write_text(visitor_latency.HOOK)
+    probe = ("import torch, isearle.runtime as r, isearle.concepts as c\n"
+             "from isearle.backbone import load_backbone\n"
+             "b = load_backbone('isearle-tiny-test', None, 'cpu')\n"
+             "b.encode_texts = None  # the bank must not need the text encoder\n"
+             "bank = c.ConceptBank.build(b, ['a', 'b', 'c'])\n"
+             "print(r.set_threads(), torch.get_num_threads(), tuple(bank.features.shape),"
+             " round(float(bank.features.norm(dim=-1).mean()), 4))\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)]),
+           "ISEARLE_BENCH_TORCH_THREADS": "1", "ISEARLE_BENCH_RANDOM_CONCEPTS": "1"}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-5:] == ["1", "1", "(3,", "64)", "1.0"]
