@@ -14,6 +14,7 @@ changes, update them there.
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ SELECTORS = {
     "panel": "#panel [data-testid=markdown]",  # the pseudo-word summary's text
     "panel_chart": "#tokens-chart img",  # the nearest-tokens chart of the panel
 }
+#: The search handler's own time in the status line ("... · phi (fast) · 129 ms").
+HANDLER_MS = re.compile(r"· (\d+(?:\.\d+)?) ms")
 #: elem_ids of the components that tell whether typing searches (app config, not the page).
 CAPTION_ID, RESULTS_ID = "caption", "results"
 
@@ -75,7 +78,7 @@ WAIT_JS = """([sel, k, expect, wantPanel, timeoutMs]) => new Promise((resolve) =
       const mustShow = expect && b.status.includes(expect.slice(0, -1));  // the status echoes the caption
       if (out.results === null && status !== b.status && (!mustShow || status.includes(expect))) {
         const imgs = Array.from(document.querySelectorAll(sel.results));
-        if (imgs.length >= k && loaded(imgs.slice(0, k))) out.results = now - b.t0;
+        if (imgs.length >= k && loaded(imgs.slice(0, k))) { out.results = now - b.t0; out.status = status; }
       }
       if (wantPanel && out.panel === null && text(sel.panel) !== b.panel) {
         const imgs = Array.from(document.querySelectorAll(sel.panel_chart));
@@ -205,6 +208,8 @@ class BrowserSide:
         if got.get("timedOut"):
             raise TimeoutError(f"{self.url}: results not painted within {self.timeout_ms / 1000:.0f} s ({got})")
         self.settle()
+        m = HANDLER_MS.search(got.get("status") or "")
+        got["handler"] = float(m.group(1)) if m else None
         return got
 
 

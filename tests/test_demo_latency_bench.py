@@ -102,7 +102,7 @@ document.getElementById("search").addEventListener("click", () => {
   document.getElementById("tracker").innerText = "processing | 0.0s";
   setTimeout(() => {
     document.getElementById("tracker").innerText = "";
-    document.querySelector("#status [data-testid=markdown]").innerText = "10 results for query " + n;
+    document.querySelector("#status [data-testid=markdown]").innerText = "10 results for query " + n + " · phi · 42 ms";
     const res = document.getElementById("results");
     res.innerHTML = "";
     for (let i = 0; i < 10; i++) {
@@ -137,6 +137,7 @@ def test_painted_means_the_new_results_with_their_images_not_the_progress_text()
     for measured in (first, got):
         assert 480 <= measured["results"] < 900  # 300 ms to the status, 200 more to the images
         assert 880 <= measured["panel"] < 1500
+        assert measured["handler"] == 42  # the handler's own time, read from the status line
 
 
 @pytest.mark.browser
