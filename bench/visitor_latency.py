@@ -212,17 +212,20 @@ def one_round(r: int, order: list[int], sides: list[Side], pages: list, clients:
         keep(sides[i], "browser small results", got["results"])
         keep(sides[i], "browser small panel", got["panel"])
         keep(sides[i], "handler small", got["handler"])
+        keep(sides[i], "text small", got["text"])
         keep(sides[i], "upload preview small", preview)
     for i in order:  # the same reference, a new caption typed
         got = pages[i].type_caption(small_b.typed)
         keep(sides[i], "browser typed results", got["results"])
         keep(sides[i], "handler typed", got["handler"])
+        keep(sides[i], "text typed", got["text"])
     for i in order:  # 12 MP: upload, click
         preview = pages[i].upload(phone_b.path, phone_b.caption)
         got = pages[i].click_search()
         keep(sides[i], "browser phone results", got["results"])
         keep(sides[i], "browser phone panel", got["panel"])
         keep(sides[i], "handler phone", got["handler"])
+        keep(sides[i], "text phone", got["text"])
         keep(sides[i], "upload preview phone", preview)
     for i in order:
         got = clients[i].search(small_c.path, small_c.caption)
@@ -271,6 +274,8 @@ def world_rows(world: str, sides: list[Side], live: list[bool]) -> tuple[list[Ro
                         rows.append(row("g visitor", f"{world}: {title}", f"{s.name} p50", median(v), "ms",
                                         note=f"p95 {percentile(v, 95):.0f} ms, n {len(v)}"))
     for key, label, _, _ in CASES:
+        lines.append(f"{'browser, status text shown: ' + label:62}"
+                     + "".join(f"{stat_text(s, f'text {key}'):>28}" for s in sides))
         lines.append(f"{'search handler (status line): ' + label:62}"
                      + "".join(f"{stat_text(s, f'handler {key}'):>28}" for s in sides))
     for kind in ("small", "phone"):

@@ -69,7 +69,7 @@ WAIT_JS = """([sel, k, expect, wantPanel, timeoutMs]) => new Promise((resolve) =
   const b = window.__bench;
   const text = s => { const e = document.querySelector(s); return e ? e.innerText : ""; };
   const loaded = imgs => imgs.length > 0 && imgs.every(i => i.complete && i.naturalWidth > 0);
-  const out = {results: null, panel: null, timedOut: false};
+  const out = {text: null, results: null, panel: null, timedOut: false};
   const started = performance.now();
   const frame = () => {
     const now = performance.now();
@@ -77,6 +77,7 @@ WAIT_JS = """([sel, k, expect, wantPanel, timeoutMs]) => new Promise((resolve) =
       const status = text(sel.status);
       const mustShow = expect && b.status.includes(expect.slice(0, -1));  // the status echoes the caption
       if (out.results === null && status !== b.status && (!mustShow || status.includes(expect))) {
+        if (out.text === null) out.text = now - b.t0;  // the answer's text is in, thumbnails may still load
         const imgs = Array.from(document.querySelectorAll(sel.results));
         if (imgs.length >= k && loaded(imgs.slice(0, k))) { out.results = now - b.t0; out.status = status; }
       }

@@ -137,6 +137,7 @@ def test_painted_means_the_new_results_with_their_images_not_the_progress_text()
     for measured in (first, got):
         assert 480 <= measured["results"] < 900  # 300 ms to the status, 200 more to the images
         assert 880 <= measured["panel"] < 1500
+        assert 280 <= measured["text"] < 480  # the status, before the thumbnails loaded
         assert measured["handler"] == 42  # the handler's own time, read from the status line
 
 
