@@ -23,6 +23,8 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isearle import paths
+from isearle.artifacts import check_legacy
+from isearle.errors import IsearleError
 from isearle.runtime import hub_offline
 
 #: The paper's OpenAI weights were trained with QuickGELU; plain "ViT-B-32" + "openai" silently
@@ -36,7 +38,7 @@ BUNDLED_WEIGHTS = {"isearle-shapes": "models/isearle-shapes.safetensors"}
 PLACEHOLDER = "$"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(IsearleError, RuntimeError):
     """The requested weights are neither cached nor downloadable; the message says what to do."""
 
 
@@ -245,6 +247,8 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
                 f"bundled weights for {name!r} are missing at {path}: restore assets/ from git "
                 f"(git lfs / git checkout) or retrain them with `isearle train-clip`"
             )
+        check_legacy(path, "restore assets/ from git (git checkout assets/models) or retrain them with "
+                           "`isearle train-clip`")  # a flipped bit would change every answer silently
         return str(path)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:

@@ -17,12 +17,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from isearle.errors import IsearleError
+
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger uploads are refused, not decoded
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, also for code paths that bypass open_image
 
 
-class BadImage(ValueError):
+class BadImage(IsearleError, ValueError):
     """The input is not a usable image; the message says why in one line."""
 
 
@@ -59,7 +61,7 @@ def open_image(source: str | Path | bytes | Image.Image, max_pixels: int = MAX_P
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:  # the warning: under -W error
         raise BadImage(f"image too large (decompression-bomb guard): {err}") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise BadImage(f"not a readable image ({type(err).__name__}): upload a PNG, JPEG or WebP file") from err
+        raise BadImage(f"not a readable image ({type(err).__name__}): use a PNG, JPEG or WebP file") from err
 
 
 def list_images(folder: str | Path) -> list[Path]:
