@@ -289,7 +289,7 @@ def world_rows(world: str, sides: list[Side], live: list[bool]) -> tuple[list[Ro
 
 
 def goals(world: str, sides: list[Side]) -> list[Row]:
-    """The issue's goals, measured on the last side (the candidate), the first side alongside."""
+    """The latency goals, judged on the last side (the candidate), the first side alongside."""
     base, cand = sides[0], sides[-1]
 
     def both(fn) -> tuple[float, float]:
@@ -307,11 +307,11 @@ def goals(world: str, sides: list[Side]) -> list[Row]:
         checks.append(("cached reference + new caption: keystroke -> results painted",
                        lambda s: p50(s, "browser typed results"), KEYSTROKE_GOAL[world], "ms"))
     for case, fn, goal, unit in checks:
-        today, new = both(fn)
+        old, new = both(fn)
         fmt = (lambda v: f"{v:.2f}x") if unit == "x" else (lambda v: f"{v:.0f} ms")
         verdict = "n/a" if new != new else ("met" if new <= goal else "not met here")
         note = f"{cand.name} p50 vs {base.name} p50" if base is not cand else f"{cand.name} only"
-        out.append(goal_row(f"{world}: {case}", fmt(today), fmt(new), f"<= {fmt(goal)}", verdict, note))
+        out.append(goal_row(f"{world}: {case}", fmt(old), fmt(new), f"<= {fmt(goal)}", verdict, note))
     return out
 
 
@@ -321,7 +321,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     argv, app_args = split_app_args(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", type=Path, default=os.environ.get(BASELINE_ENV) or None,
-                   help=f"checkout of today's code (default ${BASELINE_ENV}; none: the candidate alone)")
+                   help=f"checkout to compare against (default ${BASELINE_ENV}; none: the candidate alone)")
     p.add_argument("--candidate", type=Path, default=REPO, help="checkout of the new code (default: this one)")
     p.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE",
                    help="environment of the baseline app (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE")

@@ -146,7 +146,7 @@ class BrowserSide:
         """Wait until no request to the app is in flight for `quiet_ms` (a search and its panel are done).
 
         A result stream (queue/data) left open while nothing on the page has changed for
-        `stream_grace_s` counts as done: Gradio sometimes keeps a session's stream open after its
+        `stream_grace_s` counts as done: Gradio sometimes keeps a page's result stream open after its
         last event.
         """
         deadline, quiet_since = time.monotonic() + timeout_s, None
