@@ -10,6 +10,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # and an engine built in the test) may choose differently and rank near-ties differently. Tests run
 # the query path in fp32 unless they set a precision (tests/test_precision.py does).
 os.environ.setdefault("ISEARLE_PRECISION", "fp32")
+# One OpenMP/MKL thread count for every thread of every process a test starts (the app under test
+# and an engine built in the test): batch-1 fp32 matrix products sum in a thread-count-dependent
+# order, and a thread whose count was never set (or was lowered by FAISS) ranks near-ties differently.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
