@@ -27,6 +27,7 @@ from bench.common import (
     interleaved,
     log,
     median,
+    parse_args,
     percentile,
     ratio,
     ratio_text,
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--cold", type=int, default=12, help="cold queries per side (new image each)")
     p.add_argument("--gallery", type=int, default=GALLERY, help="gallery size (bench d's when run_all ran it)")
     add_precision_argument(p)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, quick={"warm": 6, "cold": 3, "gallery": 5_000})
     GALLERY = args.gallery
     threads = setup_threads()
     check_load("bench c: ")

@@ -31,6 +31,7 @@ from bench.common import (
     interleaved,
     log,
     median,
+    parse_args,
     percentile,
     row,
     setup_threads,
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--queries", type=int, default=30, help="single queries timed per index")
     p.add_argument("--hnsw-1m", action="store_true", help="also build HNSW above 200k vectors (slow)")
     p.add_argument("--data", choices=["clustered", "uniform"], default="clustered")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, quick={"sizes": [10_000], "queries": 10})
     setup_threads()
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="isearle-bench-") as tmp:

@@ -229,3 +229,15 @@ def machine() -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(parser: Any, argv: list[str] | None, quick: dict[str, Any]) -> Any:
+    """`parser.parse_args(argv)` with a `--quick` flag: `quick` replaces the defaults (tiny sizes that
+    check the bench runs end to end, in seconds; its numbers are not results); flags given win."""
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: checks that the bench runs; the numbers are not results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args

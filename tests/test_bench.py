@@ -1,8 +1,11 @@
-"""bench/run_all.py: each benchmark runs in a fresh process (what it gives alone), and the issue's table."""
+"""The benchmarks: each one runs end to end in `--quick` mode (a broken bench fails the build), and
+bench/run_all.py runs each in a fresh process (what it gives alone) and writes the results page."""
 
 import json
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -31,7 +34,7 @@ if __name__ == "__main__":
 
 def test_run_all_runs_each_bench_in_a_fresh_process(tmp_path, monkeypatch):
     """Two probe benches: the second finds nothing the first left behind; a failing bench before
-    them is reported as a row and does not stop the run."""
+    them is reported as a row, does not stop the run, and makes its exit status 1."""
     (tmp_path / "probe_bench.py").write_text(PROBE)
     (tmp_path / "broken_bench.py").write_text("raise SystemExit('no data here: run it with --data')\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -41,7 +44,7 @@ def test_run_all_runs_each_bench_in_a_fresh_process(tmp_path, monkeypatch):
     md = tmp_path / "table.md"
     rc = run_all.main(["--markdown", str(md)], benches={"w": ("broken_bench", "broken"), "x": ("probe_bench", "first"),
                                                         "y": ("probe_bench", "second")})
-    assert rc == 0
+    assert rc == 1
     text = md.read_text()
     assert "| w error | broken | exit code 1 |" in text and "no data here" in text
     states = [json.loads(line.split("|")[3].strip()) for line in text.splitlines() if line.startswith("| probe |")]
@@ -52,7 +55,34 @@ def test_run_all_runs_each_bench_in_a_fresh_process(tmp_path, monkeypatch):
     assert len(pids) == 2 and os.getpid() not in pids  # a process per bench, none of them this one
     for s in states:  # the second bench finds none of what the first left behind
         assert not s["left_behind"] and s["torch_threads"] == fresh and s["py_threads"] == 1
-    # the issue's table, as Markdown, one line per goal row (one per bench here)
-    assert "| case | today's path | new path | goal | verdict |" in text
+    # the results page: what ran, when, where; the goal table, one line per goal row (one per bench here)
+    assert text.startswith(f"<!-- written by `python bench/run_all.py --markdown {md}`")
+    assert "\nDate: " in text and "\nMachine: " in text and "### Goals" in text and "### All rows" in text
     assert text.count("| probe case | 10 ms | 5 ms | <= 6 ms | met (2.00x (IQR 1.9-2.1)) |") == 2
     assert "Load (1/5/15 min) at the start of each bench: w: " in text and "y: " in text
+
+
+BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if p.name not in ("__init__.py", "common.py"))
+
+
+def test_every_bench_script_is_listed_here_or_in_run_all():
+    in_run_all = {module.split(".")[1] + ".py" for module, _ in run_all.BENCHES.values()}
+    assert in_run_all <= set(BENCHES)
+    assert set(BENCHES) - in_run_all == {"demo_latency.py", "inspector_latency.py", "run_all.py"}
+
+
+@pytest.mark.parametrize("script", BENCHES)
+def test_bench_runs_quick(script, tmp_path):
+    """`python bench/SCRIPT --quick` runs end to end and reports a result (a smoke test of the
+    script with tiny sizes; its numbers are not results)."""
+    import os
+    import subprocess
+
+    argv = ["--quick", "--markdown", str(tmp_path / "results.md")] if script == "run_all.py" else ["--quick"]
+    if script == "run_all.py":
+        argv += ["--only", "a"]  # the other benches run one by one here
+    env = {**os.environ, "PYTHONPATH": str(REPO), "ISEARLE_CACHE": str(tmp_path / "cache"), "TMPDIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, f"bench/{script}", *argv], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, f"bench/{script} --quick failed:\n{proc.stderr[-3000:]}"
+    assert "| " in proc.stdout or "p50" in proc.stdout, proc.stdout[-2000:]
