@@ -330,3 +330,15 @@ def test_mkdocs_build_strict(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "NO_MKDOCS_2_WARNING": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_every_file_the_docs_name_exists():
+    """A path in backticks (`isearle/oti.py`, `bench/bench_query.py`, `tests/test_x.py`...) names a file or
+    folder of the repository."""
+    missing = []
+    for page in MARKDOWN:
+        for span in re.findall(r"`((?:isearle|bench|tests|scripts|assets|docs)/[\w./-]*)", page.read_text(encoding="utf-8")):
+            path = span.split("::")[0].rstrip(".")
+            if not (REPO / path).exists():
+                missing.append(f"{rel(page)}: {span}")
+    assert missing == []
