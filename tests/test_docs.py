@@ -342,3 +342,14 @@ def test_every_file_the_docs_name_exists():
             if not (REPO / path).exists():
                 missing.append(f"{rel(page)}: {span}")
     assert missing == []
+
+
+def test_the_tour_and_the_lesson_name_every_inspector_tab():
+    """docs/demo.md walks through each tab of the inspector, and the lesson uses them, by their labels."""
+    tabs = re.findall(r'gr\.Tab\("([^"]+)"', (REPO / "app_inspector.py").read_text(encoding="utf-8"))
+    assert len(tabs) >= 6
+    tour = (DOCS / "demo.md").read_text(encoding="utf-8").replace("S\\*", "S*")
+    headings = [h.lower() for h in re.findall(r"^### \d+\. (.+)$", tour, re.M)]
+    assert [t.lower() for t in tabs] == headings
+    lesson = (DOCS / "teaching.md").read_text(encoding="utf-8").replace("S\\*", "S*")
+    assert [t for t in tabs if f"**{t}**" not in lesson] == ["Take S* with you"]
