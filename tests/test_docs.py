@@ -354,3 +354,15 @@ def test_the_tour_and_the_lesson_name_every_inspector_tab():
     assert [t.lower() for t in tabs] == headings
     lesson = (DOCS / "teaching.md").read_text(encoding="utf-8").replace("S\\*", "S*")
     assert [t for t in tabs if f"**{t}**" not in lesson] == ["Take S* with you"]
+
+
+def prose(text: str) -> str:
+    """Markdown without its fenced blocks and code spans."""
+    return re.sub(r"`[^`\n]*`", "", re.sub(r"^```.*?^```", "", text, flags=re.S | re.M))
+
+
+def test_pseudo_word_is_escaped_in_prose():
+    """S* outside code is written S\\*: Markdown reads two bare asterisks on a line as emphasis."""
+    bare = [f"{rel(p)}: {line.strip()[:100]}" for p in MARKDOWN
+            for line in prose(p.read_text(encoding="utf-8")).splitlines() if re.search(r"(?<![\\\w])S\*(?!\*)", line)]
+    assert bare == []
