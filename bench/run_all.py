@@ -1,4 +1,4 @@
-"""Run every benchmark (a-g), each in a fresh Python process, and print the goal table and all rows.
+"""Run every benchmark (a-f, h), each in a fresh Python process, and print the goal table and all rows.
 
     python bench/run_all.py [--quick] [--only a b ...] [--markdown docs/performance-results.md]
 
@@ -34,7 +34,7 @@ BENCHES = {
     "c": ("bench.bench_query", "composed query latency, 100k gallery"),
     "e": ("bench.bench_index", "gallery indexing throughput"),
     "f": ("bench.bench_openmp", "OpenMP wait policy: default vs PASSIVE, child processes alternating"),
-    "g": ("bench.precision_table", "ShapesCIR accuracy of bf16 queries against fp32"),
+    "h": ("bench.precision_table", "ShapesCIR accuracy of bf16 queries against fp32"),
 }
 
 

@@ -81,7 +81,7 @@ def run_quick(script: str, argv: list[str], tmp_path: Path) -> subprocess.Comple
 
 
 def test_run_all_quick_runs_every_bench(tmp_path):
-    """`python bench/run_all.py --quick`: every bench a-g runs end to end with tiny sizes (a smoke
+    """`python bench/run_all.py --quick`: every bench of run_all.py runs end to end with tiny sizes (a smoke
     test of the scripts; the numbers are not results) and none fails."""
     md = tmp_path / "results.md"
     proc = run_quick("run_all.py", ["--markdown", str(md)], tmp_path)
