@@ -26,13 +26,11 @@ import gradio as gr
 
 from app_inspector import add_inspector
 from isearle import demo as D
-from isearle.backbone import WeightsUnavailable
+from isearle.demo import IsearleError, set_threads
 from isearle.demo.inspector import InspectorViews
-from isearle.images import BadImage
-from isearle.runtime import set_threads
 
 log = logging.getLogger("isearle.app")
-EXPECTED = (BadImage, D.CaptionError, ValueError, FileNotFoundError, WeightsUnavailable)
+EXPECTED = (IsearleError,)  # every one-line user error (isearle.errors)
 CSS = ".isearle-results .caption-label {font-variant-numeric: tabular-nums}"
 
 
@@ -232,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         engine = D.DemoEngine.start(args, warm=not args.no_warmup)
-    except (FileNotFoundError, WeightsUnavailable, ValueError) as err:
+    except IsearleError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     log.info("loaded and warmed up %s in %.1f s (torch threads %d)", engine.default_key,

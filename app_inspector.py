@@ -1,7 +1,7 @@
 """The demo's pseudo-word inspector: six tabs under the results, each a named API endpoint (Gradio 6).
 
 Thin, like app.py: widgets wired to `isearle.demo.inspector.InspectorViews`, which calls
-`isearle.inspect` (the numbers) and the demo engine (references, thumbnails, ground truths).
+`isearle.explain` (the numbers) and the demo engine (references, thumbnails, ground truths).
 Endpoints: /watch_oti (streamed), /alone, /compare, /blend, /words, /download_token, /search_token.
 """
 

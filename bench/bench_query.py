@@ -2,7 +2,7 @@
 
 ViT-B-32 architecture (random weights), a phi of SEARLE's shape, 100k gallery vectors (bench d's
 clustered random unit vectors) in the default index for that size (HNSW) and, for comparison, in
-an exact flat index. Warm: a cached reference image and a new caption each time (one truncated
+an exact flat index. Warm: a cached reference and a new caption each time (one truncated
 text-encoder pass with S* + one index search). Cold: a new 640x480 upload each time (hash,
 preprocess, image encoder, phi, text encoder, search). The baseline (fp32 Retriever, full text
 pass) and the default path (the reference's prompt start cached as keys/values, `--precision` per tower,
@@ -68,16 +68,18 @@ def percentiles(times: list[float]) -> tuple[float, float]:
 
 
 def with_threads(n: int, fn):
-    """fn run with n torch threads (restored after)."""
+    """fn run with n torch threads (restored after), set through `runtime.set_threads`."""
     import torch
+
+    from isearle.runtime import set_threads
 
     def run():
         before = torch.get_num_threads()
-        torch.set_num_threads(n)
+        set_threads(n, faiss_threads=None)
         try:
             return fn()
         finally:
-            torch.set_num_threads(before)
+            set_threads(before, faiss_threads=None)
 
     return run
 
@@ -102,7 +104,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     from isearle.backbone import load_backbone
     from isearle.phi import Phi
     from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
+    from isearle.reference import Reference
     from isearle.retrieval import Retriever
+    from isearle.tuning import tune
 
     torch.manual_seed(0)
     backbone = load_backbone("ViT-B-32", None, "cpu")
@@ -115,13 +119,15 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     index = gallery_index("hnsw")
     baseline = Retriever(backbone, index, phi, prefix_cache=False)  # fp32, full text pass, no prompt-start cache
-    new = Retriever(backbone, index, phi, precision=args.precision)
+    new = Retriever(backbone, index, phi)
+    tune(new, args.precision)
     log(f"bench c: precision {new.precision_report()}")
     reference = upload()
     count = iter(range(10**9))
 
     def warm(retriever: Retriever):
-        return lambda: retriever.query(reference, f"{captions[next(count) % len(captions)]} #{next(count)}", k=10)
+        ref = reference if retriever is baseline else Reference.of(reference)  # the engine keeps one per upload
+        return lambda: retriever.query(ref, f"{captions[next(count) % len(captions)]} #{next(count)}", k=10)
 
     sides = {"baseline": warm(baseline), "default": warm(new)}
     if threads > 1:  # a shared machine may give this process less than its quota

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -24,6 +23,8 @@ if str(REPO) not in sys.path:  # the benchmarks run from a checkout, installed o
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # random weights only: never wait for the hub
 # OpenMP's wait policy is left as the user set it (the default, as in app.py and the CLI: threads
 # spin briefly between parallel regions). Bench f measures the default against PASSIVE.
+
+from isearle.timing import median, percentile, time_interleaved, timeit  # noqa: E402, F401  (re-exported for the benches)
 
 Row = dict[str, Any]
 
@@ -46,24 +47,10 @@ def setup_threads() -> int:
     return set_threads()
 
 
-def timeit(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeat` calls of `fn` after `warmup` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
 def interleaved(sides: dict[str, Callable[[], Any]], repeat: int, warmup: int = 1, pause: float = 0.0
                 ) -> dict[str, list[float]]:
-    """Seconds per call of each side after `warmup` untimed rounds (`precision.time_interleaved`:
+    """Seconds per call of each side after `warmup` untimed rounds (`timing.time_interleaved`:
     A, B, A, B, ..., `pause` seconds of sleep before each call)."""
-    from isearle.precision import time_interleaved
-
     for _ in range(warmup):
         for fn in sides.values():
             fn()
@@ -74,21 +61,6 @@ def ratio(slow: list[float], fast: list[float]) -> tuple[float, float, float]:
     """Median of the paired ratios slow_i / fast_i and their 25th-75th percentile (the spread)."""
     pairs = [a / b for a, b in zip(slow, fast, strict=False) if b > 0]
     return median(pairs), percentile(pairs, 25), percentile(pairs, 75)
-
-
-def median(xs: list[float]) -> float:
-    return statistics.median(xs)
-
-
-def percentile(xs: list[float], q: float) -> float:
-    """The q-th percentile (0-100), linear interpolation."""
-    s = sorted(xs)
-    if len(s) == 1:
-        return s[0]
-    pos = (len(s) - 1) * q / 100
-    lo = int(pos)
-    hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
 def row(bench: str, case: str, metric: str, value: float | str, unit: str = "", goal: str = "",

@@ -5,7 +5,8 @@
     query = encode_query(backbone, token, "is a cat instead")
     hits = search(open_gallery("gallery_index"), query, k=10)
 
-These are thin: the same functions serve the CLI, the demo and evaluation (`isearle.retrieval`).
+These are thin: the same session (`isearle.service.Session`) serves the CLI, the demo and the
+inspector; `load_service(folder)` opens one over a gallery.
 """
 
 from __future__ import annotations
@@ -24,15 +25,17 @@ from isearle.index import GalleryIndex
 from isearle.oti import OTIConfig
 from isearle.phi import Phi
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
-from isearle.retrieval import DEFAULT_TEMPLATE, Hit, Retriever, rank
+from isearle.retrieval import Hit, rank
+from isearle.service import Session
+from isearle.templates import DEFAULT_TEMPLATE
 
 
 def invert_image(backbone: Backbone, image: str | Path | bytes | Image.Image, phi: Phi | None = None,
                  oti: OTIConfig | None = None, progress: bool = False) -> torch.Tensor:
     """The pseudo-word S* [W] of one image: by `phi` (one forward pass), or by OTI when `oti` is given
     (warm-started from `phi` when both are)."""
-    retriever = Retriever(backbone, None, phi, cache_size=1)
-    return retriever.pseudo_token(open_image(image), "phi" if oti is None else "oti", oti, progress)
+    session = Session(backbone, None, phi, cache_size=1)
+    return session.retriever.pseudo_token(open_image(image), "phi" if oti is None else "oti", oti, progress)
 
 
 def encode_query(backbone: Backbone, token: torch.Tensor, caption: str, template: str = DEFAULT_TEMPLATE

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from isearle.errors import IsearleError
+
 log = logging.getLogger(__name__)
 
 #: Format version of the metadata this module writes; files without one are legacy (version 0).
@@ -36,7 +38,7 @@ HASH_LIMIT = 256 * 2**20
 _KEY = "isearle"  # safetensors metadata key holding {"kind", "format", "sha256"}
 
 
-class ArtifactError(ValueError):
+class ArtifactError(IsearleError, ValueError):
     """A file isearle wrote is missing, damaged or incompatible; the message says what to do."""
 
     def __init__(self, path: str | Path, problem: str, remedy: str) -> None:

@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isearle import paths
+from isearle.errors import IsearleError
 from isearle.runtime import hub_offline
 
 #: The paper's OpenAI weights were trained with QuickGELU; plain "ViT-B-32" + "openai" silently
@@ -36,7 +37,7 @@ BUNDLED_WEIGHTS = {"isearle-shapes": "models/isearle-shapes.safetensors"}
 PLACEHOLDER = "$"
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(IsearleError, RuntimeError):
     """The requested weights are neither cached nor downloadable; the message says what to do."""
 
 

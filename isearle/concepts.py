@@ -24,19 +24,13 @@ from isearle import paths
 from isearle.artifacts import ArtifactError, display, load_tensors, save_tensors, write_bytes
 from isearle.backbone import Backbone, WeightsUnavailable
 from isearle.runtime import hub_offline
+from isearle.templates import PALAVRA_TEMPLATES
 
 log = logging.getLogger(__name__)
 
-#: PALAVRA's 24 prompt templates, as SEARLE lists them (src/utils.py `get_templates`, spelling kept):
-#: concept ensembling formats each with the concept padded by spaces, OTI's content loss with " $ ".
-TEMPLATES: tuple[str, ...] = (
-    "This is a photo of a {}", "This photo contains a {}", "A photo of a {}", "This is an illustration of a {}",
-    "This illustration contains a {}", "An illustrations of a {}", "This is a sketch of a {}",
-    "This sketch contains a {}", "A sketch of a {}", "This is a diagram of a {}", "This diagram contains a {}",
-    "A diagram of a {}", "A {}", "We see a {}", "{}", "We see a {} in this photo", "We see a {} in this image",
-    "We see a {} in this illustration", "We see a {} photo", "We see a {} image", "We see a {} illustration",
-    "{} photo", "{} image", "{} illustration",
-)
+#: PALAVRA's 24 templates (`templates.PALAVRA_TEMPLATES`): concept ensembling formats each with the
+#: concept padded by spaces.
+TEMPLATES = PALAVRA_TEMPLATES
 
 
 def ensemble_prompt(template: str, concept: str) -> str:

@@ -10,3 +10,11 @@ from __future__ import annotations
 
 class IsearleError(Exception):
     """A failure the user can act on; its message says what to do, in one line."""
+
+
+class BadRequest(IsearleError, ValueError):
+    """A request the loaded models cannot answer as asked (unknown method or backbone, no phi, no reference)."""
+
+
+class NotFound(IsearleError, FileNotFoundError):
+    """Something the user named is not there (a gallery index, an image folder, a file)."""

@@ -17,12 +17,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from isearle.errors import IsearleError
+
 MAX_PIXELS = 40_000_000  # ~ 6300 x 6300; larger uploads are refused, not decoded
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # PIL's own guard, also for code paths that bypass open_image
 
 
-class BadImage(ValueError):
+class BadImage(IsearleError, ValueError):
     """The input is not a usable image; the message says why in one line."""
 
 

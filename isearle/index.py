@@ -36,7 +36,6 @@ from isearle.artifacts import (
     write_group,
 )
 from isearle.backbone import Backbone, canonical_name
-from isearle.paths import REPO_DIR
 from isearle.runtime import set_threads
 
 log = logging.getLogger(__name__)
@@ -46,8 +45,9 @@ INDEX_FILE, INFO_FILE, ITEMS_FILE = "index.faiss", "index.json", "items.json"
 FORMAT_VERSION = 2
 #: Where `isearle index` keeps the embedded batches of an unfinished run (inside --out).
 PROGRESS_DIR = ".index-progress"
-#: The offline world's bundled gallery (rebuilt by `python -m isearle.demo build-gallery`).
-OFFLINE_GALLERY = REPO_DIR / "gallery_index"
+#: The command that rebuilds a gallery of a kind (`info["benchmark"]`), registered by the code that builds
+#: such galleries; a gallery may also record its own (`info["rebuild"]`).
+REBUILD_COMMANDS: dict[str, str] = {}
 
 
 class BackboneMismatch(ArtifactError):
@@ -412,9 +412,10 @@ def gallery_problem(directory: str | Path) -> ArtifactError | None:
 
 
 def rebuild_hint(directory: str | Path, info: Mapping[str, Any] | None = None) -> str:
-    """What to do about a damaged gallery: the offline world's is rebuilt by the demo helper."""
-    if (info or {}).get("benchmark") == "shapescir" or Path(directory).resolve() == OFFLINE_GALLERY.resolve():
-        return "rebuild it with `python -m isearle.demo build-gallery`"
+    """What to do about a damaged gallery: the command it records (or its kind's), else `isearle index`."""
+    command = (info or {}).get("rebuild") or REBUILD_COMMANDS.get(str((info or {}).get("benchmark")))
+    if command:
+        return f"rebuild it with `{command}`"
     model = (info or {}).get("model")
     return f"rebuild it with `isearle index --out {display(directory)}" + (f" --model {model}`" if model else "`")
 

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
-from isearle.concepts import TEMPLATES as CONCEPT_TEMPLATES
 from isearle.precision import autocast
 from isearle.prefix_cache import PrefixCache, supported
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
+from isearle.templates import PALAVRA_TEMPLATES as CONCEPT_TEMPLATES
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ At batch 1 the text tower is bound by reading its weights; bf16 halves those byt
 AVX512-BF16 or AMX multiply bf16 natively, so a query's text pass gets faster there. Elsewhere bf16
 is emulated and slower (and without AMX it may not pay even where native), and a model may be
 sensitive to it: `auto` measures both at start-up, for the text pass and the image encoder
-separately, and keeps bf16 for each only when it is faster AND agrees with fp32 (cosine >= 0.999).
+separately, and keeps bf16 for each only when it is faster AND agrees with fp32 (cosine >= 0.999);
+the measurement is `isearle.tuning`'s, this module holds the vocabulary.
 Training, OTI and evaluation stay fp32 unless asked otherwise.
 """
 
@@ -13,14 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -82,56 +79,6 @@ class PrecisionChoice:
 
     def __str__(self) -> str:
         return self.reason
-
-
-def time_interleaved(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0
-                     ) -> dict[str, list[float]]:
-    """Seconds per call of each side, timed in turn (A, B, A, B, ...) so that both see the same load;
-    `pause` seconds of sleep (untimed) before each call, as between a server's requests, so that
-    one side's worker threads still spinning after its call do not slow the next side's."""
-    times: dict[str, list[float]] = {k: [] for k in sides}
-    for _ in range(repeat):
-        for k, fn in sides.items():
-            if pause:
-                time.sleep(pause)
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return times
-
-
-def median_ms(sides: dict[str, Callable[[], object]], repeat: int, pause: float = 0.0) -> dict[str, float]:
-    """Median milliseconds per call of each side (`time_interleaved`)."""
-    return {k: statistics.median(v) * 1e3 for k, v in time_interleaved(sides, repeat, pause).items()}
-
-
-def choose(requested: str, encode: Callable[[str], torch.Tensor], native: bool, repeat: int = 7,
-           min_cosine: float = MIN_COSINE) -> PrecisionChoice:
-    """Resolve `requested` ("auto", "fp32", "bf16") with `encode(precision) -> feature`.
-
-    "auto" times both precisions interleaved (fp32, bf16, fp32, ...) on the same query after one
-    untimed call each, and keeps bf16 only if its median is lower and cos(bf16, fp32) >= min_cosine.
-    """
-    if requested not in PRECISIONS:
-        raise ValueError(f"unknown precision {requested!r}: use one of {', '.join(PRECISIONS)}")
-    if requested != "auto":
-        return PrecisionChoice(requested, f"{requested} (asked for)")
-    if not native:
-        return PrecisionChoice("fp32", "fp32 (auto: no native bf16 on this device)")
-    ref, low = encode("fp32").float(), encode("bf16").float()  # also warms both paths up
-    cosine = float(F.cosine_similarity(ref.flatten(), low.flatten(), dim=0))
-    ms = median_ms({p: lambda p=p: encode(p) for p in ("fp32", "bf16")}, repeat)
-    fp32_ms, bf16_ms = ms["fp32"], ms["bf16"]
-    measured = f"fp32 {fp32_ms:.1f} ms, bf16 {bf16_ms:.1f} ms, cosine {cosine:.5f}"
-    if cosine < min_cosine:
-        pick, why = "fp32", f"bf16 disagrees with fp32 (cosine < {min_cosine})"
-    elif bf16_ms >= fp32_ms:
-        pick, why = "fp32", "bf16 is not faster"
-    else:
-        pick, why = "bf16", "bf16 is faster and agrees"
-    choice = PrecisionChoice(pick, f"{pick} (auto: {why}; {measured})", fp32_ms, bf16_ms, cosine)
-    log.info("precision: %s", choice)
-    return choice
 
 
 def parse_precision(value: str) -> str:

@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from isearle.artifacts import write_json, write_text
-from isearle.inspect import ImageRecord, Inspector, summarise
+from isearle.errors import NotFound
+from isearle.explain import ImageRecord, summarise
+from isearle.service import Session
 
 COLORS = {"phi": "#4f46e5", "oti": "#db2777", "cosine": "#059669"}
 CSS = """
@@ -116,26 +118,19 @@ def write_report(records: Sequence[ImageRecord], out: str | Path, info: dict[str
 
 
 def open_inspector(model: str, pretrained: str | None, phi: str | None = None, device: str | None = None,
-                   vocabulary: str | None = None, trained_only: bool = True, progress: bool = True) -> Inspector:
-    """An inspector without a gallery (batch inspection): backbone, phi (given or default), concepts.
+                   vocabulary: str | None = None, trained_only: bool = True, progress: bool = True) -> Session:
+    """A session without a gallery (batch inspection): backbone, phi (given or default), concepts.
 
     The concept vocabulary defaults to the shapes world's for its models and ImageNet's otherwise
     (both offline); `trained_only` limits a small model's nearest tokens to those it was trained on.
     """
     from isearle.backbone import load_backbone
-    from isearle.concepts import concept_bank
-    from isearle.phi import resolve_phi
-    from isearle.retrieval import Retriever
-    from isearle.service import Service
-    from isearle.vocabulary import SHAPES_MODELS, TokenTable, trained_token_ids
+    from isearle.service import open_session
 
-    backbone = load_backbone(model, pretrained, device)
-    phi_net, phi_name = resolve_phi(backbone, phi)
-    source = vocabulary or ("shapes" if backbone.name in SHAPES_MODELS else "imagenet")
-    # random weights: a bank cached under their name would be wrong next time
-    bank = concept_bank(backbone, source, progress=progress, cache=pretrained is not None)
-    service = Service(Retriever(backbone, None, phi_net), phi_name)
-    return Inspector(service, TokenTable(backbone), bank, trained_token_ids(backbone) if trained_only else None)
+    session = open_session(load_backbone(model, pretrained, device), None, phi, vocabulary=vocabulary,
+                           trained_only=trained_only)
+    session.concepts(progress=progress)  # built now, with a progress bar
+    return session
 
 
 def inspect_folder(images: str | Path, out: str | Path, model: str, pretrained: str | None,
@@ -143,21 +138,21 @@ def inspect_folder(images: str | Path, out: str | Path, model: str, pretrained: 
                    device: str | None = None, vocabulary: str | None = None, top_k: int = 10,
                    json_twin: bool = False, warm: bool = True, progress: bool = True) -> dict[str, Path]:
     """`isearle inspect`: every image of a folder inverted by `methods`, described, and reported."""
+    from isearle.explain import inspect_images
     from isearle.images import list_images
-    from isearle.inspect import inspect_images
-    from isearle.oti import OTIConfig, token_norm
+    from isearle.oti import token_norm
 
     paths = list_images(images)
     if not paths:
-        raise FileNotFoundError(f"no images in {images}: give a folder of PNG / JPEG / WebP files")
+        raise NotFound(f"no images in {images}: give a folder of PNG / JPEG / WebP files")
     insp = open_inspector(model, pretrained, phi, device, vocabulary, progress=progress)
-    oti = insp.service.oti_config(steps or OTIConfig.steps)
+    oti = insp.oti_config(steps)
     records = inspect_images(insp, paths, methods, oti, top_k, warm, progress=progress)
     for r in records:  # paths relative to the folder: the report does not depend on where it ran
         r.path = str(Path(r.path).relative_to(images))
-    info = {"model": insp.backbone.name, "pretrained": str(insp.backbone.pretrained), "phi": insp.service.phi_name,
+    info = {"model": insp.backbone.name, "pretrained": str(insp.backbone.pretrained), "phi": insp.phi_name,
             "methods": list(methods), "oti": {"steps": oti.steps, "gamma": oti.gamma, "max_norm": oti.max_norm,
-                                              "warm_start": insp.service.phi_name if warm else None}
+                                              "warm_start": insp.phi_name if warm else None}
             if "oti" in methods else None,
             "vocabulary": len(insp.bank.names), "mean_token_norm": round(token_norm(insp.backbone), 6)}
     return write_report(records, out, info, json_twin)

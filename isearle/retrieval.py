@@ -8,7 +8,6 @@ index search.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from collections import OrderedDict
@@ -23,15 +22,17 @@ from tqdm.auto import tqdm
 
 from isearle import onnx_text, prefix_cache
 from isearle.backbone import Backbone
+from isearle.errors import BadRequest
 from isearle.oti import OTIConfig, OTIStep, invert_steps
 from isearle.phi import Phi
-from isearle.precision import MIN_COSINE, PrecisionChoice, bf16_native, choose, median_ms
+from isearle.precision import PrecisionChoice
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt, tokenize_prompts
+from isearle.reference import Reference, image_key
+from isearle.templates import DEFAULT_TEMPLATE
 
 log = logging.getLogger(__name__)
 
 METHODS = ("image", "text", "image+text", "oti", "phi")
-DEFAULT_TEMPLATE = "a photo of $ that {}"
 
 
 @torch.inference_mode()
@@ -51,7 +52,7 @@ def compose_queries(
     features; oti / phi: the template with S* (given `pseudo_tokens`, or phi's prediction).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+        raise BadRequest(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     ref = ref_features.to(backbone.device).float()
     if method == "image":
         return F.normalize(ref, dim=-1)
@@ -60,10 +61,10 @@ def compose_queries(
         return text if method == "text" else F.normalize(text + F.normalize(ref, dim=-1), dim=-1)
     if method == "phi":
         if phi is None:
-            raise ValueError("method 'phi' needs a phi network (--phi)")
+            raise BadRequest("method 'phi' needs a phi network (--phi)")
         pseudo_tokens = phi.to(backbone.device)(ref)
     if pseudo_tokens is None:
-        raise ValueError("method 'oti' needs the OTI pseudo-tokens of the references")
+        raise BadRequest("method 'oti' needs the OTI pseudo-tokens of the references")
     prompts = [fill_template(template, c) for c in captions]
     return F.normalize(encode_with_pseudo_tokens(backbone, prompts, pseudo_tokens.to(backbone.device)), dim=-1)
 
@@ -106,14 +107,6 @@ class LRUCache:
             self._data.clear()
 
 
-def image_key(image: Image.Image) -> str:
-    """Content hash of an image's pixels (same picture, same key, whatever its file name)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(f"{image.mode}{image.size}".encode())
-    h.update(image.tobytes())
-    return h.hexdigest()
-
-
 @dataclass
 class Hit:
     """One ranked gallery item."""
@@ -124,19 +117,23 @@ class Hit:
     metadata: dict
 
 
+#: What the query path takes as a reference: a `Reference` (decoded and hashed once per request) or a
+#: PIL image (hashed here).
+ReferenceLike = Reference | Image.Image
+
+
 class Retriever:
     """Cached composed retrieval over a gallery index (CLI `query` and the demo).
 
     Captions and pseudo-word prompts are encoded by `query_backbone`, new images by
-    `image_backbone` (each the backbone itself, or its bf16 copy after `set_precision`); OTI
-    always optimises with the fp32 `backbone`. A reference's prompt start ("<sot> a photo of S*
-    that") is kept as keys/values (`prefix_cache.PromptPrefix`), so a new caption for it runs the
-    text transformer on the caption's tokens only.
+    `image_backbone` (each the backbone itself, or its bf16 copy: `tuning.tune`); OTI always
+    optimises with the fp32 `backbone`. A reference's prompt start ("<sot> a photo of S* that") is
+    kept as keys/values (`prefix_cache.PromptPrefix`), so a new caption for it runs the text
+    transformer on the caption's tokens only. Every cache is keyed by the reference's content key.
     """
 
     def __init__(self, backbone: Backbone, index: Any, phi: Phi | None = None,
-                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256, precision: str = "fp32",
-                 prefix_cache: bool = True) -> None:
+                 template: str = DEFAULT_TEMPLATE, cache_size: int = 256, prefix_cache: bool = True) -> None:
         self.backbone, self.index, self.template = backbone, index, template
         self.prefix_cache = prefix_cache  # keep each reference's prompt start (False: the full pass each time)
         head = template.split("{}")[0] if "{}" in template else ""
@@ -145,7 +142,7 @@ class Retriever:
         #: None where "$" follows the caption or the cache is off
         self.prompt_start = None if ids is None else ids[: int(ids.argmax())]
         self.query_backbone = self.image_backbone = backbone
-        self.text_engine: onnx_text.OnnxText | None = None  # runs warm captions instead of PyTorch (set_precision)
+        self.text_engine: onnx_text.OnnxText | None = None  # runs warm captions instead of PyTorch (tuning)
         self.engine_choice = ""
         self.precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")  # of the text pass
         self.image_precision: PrecisionChoice = PrecisionChoice("fp32", "fp32 (default)")
@@ -155,93 +152,11 @@ class Retriever:
         self.texts = LRUCache(4 * cache_size)  # caption -> normalised text feature [D]
         self.queries = LRUCache(4 * cache_size)  # (image key, method, steps, caption) -> query feature [D]
         self.prefixes = LRUCache(cache_size)  # (image key, method, steps) -> PromptPrefix of its S*
-        if precision != "fp32":
-            self.set_precision(precision)
 
-    def set_precision(self, requested: str, image: Image.Image | None = None) -> PrecisionChoice:
-        """Encode queries in fp32 or bf16; "auto" measures both (`precision.choose`) for each tower.
-
-        The text tower is measured on the warm path (the template with the reference's S*, phi's or
-        the token of "thing" without phi, and a caption: one truncated pass), the image tower on
-        a new upload; each keeps bf16 only where it is faster and agrees. Returns the text choice.
-        """
-        low: list[Backbone] = []
-
-        def in_precision(p: str) -> Backbone:
-            if p == "fp32":
-                return self.backbone
-            if not low:
-                low.append(self.backbone.with_precision(p))
-            return low[0]
-
-        def encode_text(p: str) -> torch.Tensor:
-            return encode_with_pseudo_tokens(in_precision(p), [prompt], token)
-
-        def encode_image(p: str) -> torch.Tensor:
-            return in_precision(p).encode_pil([image])
-
-        native = bf16_native(self.backbone.device)
-        with torch.inference_mode():
-            if requested == "auto":
-                image = image or Image.new("RGB", (self.backbone.image_size,) * 2, "gray")
-                feats = self.backbone.encode_pil([image])
-                token = (self.phi(feats)[0] if self.phi is not None else
-                         self.backbone.token_embedding(self.backbone.tokenize(["thing"])[0, 1]))
-                prompt = fill_template(self.template, "is blue and twice as big")
-            text = choose(requested, encode_text, native)
-            images = choose(requested, encode_image, native)
-        self.query_backbone, self.image_backbone = in_precision(text.precision), in_precision(images.precision)
-        self.precision, self.image_precision = text, images
-        self.text_engine, self.engine_choice = None, ""
-        if requested == "auto" and self.prefix_cache and onnx_text.available(self.backbone):
-            try:
-                engine = onnx_text.OnnxText(self.backbone)  # exported outside inference mode
-            except Exception as e:  # an exporter or runtime that fails here must not stop the service
-                self.engine_choice = f"PyTorch (ONNX Runtime unavailable: {type(e).__name__})"
-                log.warning("ONNX Runtime export failed, text stays on PyTorch: %s", e)
-            else:
-                with torch.inference_mode():
-                    self._choose_text_engine(token, engine)
-        for cache in (self.features, self.tokens, self.texts, self.queries, self.prefixes):  # of the other precision
+    def clear(self) -> None:
+        """Forget every cached value (after the query path changed precision or engine)."""
+        for cache in (self.features, self.tokens, self.texts, self.queries, self.prefixes):
             cache.clear()
-        return text
-
-    def _choose_text_engine(self, token: torch.Tensor, engine: onnx_text.OnnxText, repeat: int = 7) -> None:
-        """Keep ONNX Runtime for the warm text pass if it is faster than the chosen PyTorch path and
-        agrees with PyTorch's fp32 feature (cosine >= MIN_COSINE). Both are timed interleaved on a
-        continuation of the template's prompt start, after one untimed call each, each call after a
-        50 ms pause as between requests (the threads of one still spinning after its call would
-        otherwise slow the other's: measured 18.9 -> 38.8 ms for PyTorch right after ONNX Runtime)."""
-        first = tokenize_prompts(self.backbone, [fill_template(self.template, "is blue")])
-        later = tokenize_prompts(self.backbone, [fill_template(self.template, "is blue and twice as big")])
-        qb, ids = self.query_backbone, self.prompt_start
-        if ids is None:
-            return
-        _, exact = prefix_cache.PromptPrefix.first(self.backbone, first, token, ids)
-        with qb.autocast:
-            _, current = prefix_cache.PromptPrefix.first(qb, first, token, ids)
-        if exact is None or current is None:
-            return
-        sides = {"torch": lambda: self._encode_on(qb, current, later), "onnx": lambda: exact.encode(later, engine)}
-        ref, got = exact.encode(later).float(), sides["onnx"]().float()
-        cosine = float(F.cosine_similarity(ref.flatten(), got.flatten(), dim=0))
-        ms = median_ms(sides, repeat, pause=0.05)
-        torch_ms, onnx_ms = ms["torch"], ms["onnx"]
-        measured = f"PyTorch {'bf16' if qb.precision == 'bf16' else 'fp32'} {torch_ms:.1f} ms, ONNX Runtime {onnx_ms:.1f} ms, cosine {cosine:.6f}"
-        if cosine >= MIN_COSINE and onnx_ms < torch_ms:
-            self.text_engine, self.query_backbone = engine, self.backbone  # ONNX continues fp32 prefixes
-            self.engine_choice = f"ONNX Runtime fp32 (auto: faster and agrees; {measured})"
-            self.precision = PrecisionChoice("fp32", f"fp32, warm captions on {self.engine_choice}; "
-                                             f"PyTorch alone: {self.precision}",
-                                             self.precision.fp32_ms, self.precision.bf16_ms, self.precision.cosine)
-        else:
-            self.engine_choice = f"PyTorch (auto: ONNX Runtime {'disagrees' if cosine < MIN_COSINE else 'is not faster'}; {measured})"
-        log.info("warm text pass: %s", self.engine_choice)
-
-    @staticmethod
-    def _encode_on(qb: Backbone, prefix: prefix_cache.PromptPrefix, tokens: torch.Tensor) -> torch.Tensor:
-        with qb.autocast:
-            return prefix.encode(tokens)
 
     def precision_report(self) -> str:
         """What the query path runs in, per tower, and why (the app's /info)."""
@@ -252,35 +167,40 @@ class Retriever:
             return text
         return f"text {text}; images {self.image_precision}"
 
-    def image_features(self, image: Image.Image, key: str | None = None) -> tuple[str, torch.Tensor]:
-        """(content key, un-normalised image feature [D]) of an image, cached; `key` if already hashed."""
-        key = key or image_key(image)
-        feats = self.features.get(key)
-        if feats is None:
-            feats = self.image_backbone.encode_pil([image])[0]
-            self.features.put(key, feats)
-        return key, feats
+    @staticmethod
+    def reference(image: ReferenceLike) -> Reference:
+        """`image` as a `Reference` (a PIL image is hashed here: once per call of the query path)."""
+        return image if isinstance(image, Reference) else Reference(image, image_key(image))
 
-    def pseudo_token(self, image: Image.Image, method: str = "phi", oti: OTIConfig | None = None,
-                     progress: bool = False, key: str | None = None) -> torch.Tensor:
-        """S* of an image by phi or OTI (warm-started from phi when there is one), cached."""
-        key, _ = self.image_features(image, key)
+    def image_features(self, image: ReferenceLike) -> tuple[str, torch.Tensor]:
+        """(content key, un-normalised image feature [D]) of a reference, cached."""
+        ref = self.reference(image)
+        feats = self.features.get(ref.key)
+        if feats is None:
+            feats = self.image_backbone.encode_pil([ref.image])[0]
+            self.features.put(ref.key, feats)
+        return ref.key, feats
+
+    def pseudo_token(self, image: ReferenceLike, method: str = "phi", oti: OTIConfig | None = None,
+                     progress: bool = False) -> torch.Tensor:
+        """S* of a reference by phi or OTI (warm-started from phi when there is one), cached."""
+        ref = self.reference(image)
         oti = oti or OTIConfig(batch_size=1)
-        token = self.tokens.get(self._token_key(key, method, oti))
+        token = self.tokens.get(self._token_key(ref.key, method, oti))
         if token is not None:
             return token
         if method == "phi":
-            token = self.phi_token(image, key)
+            token = self.phi_token(ref)
             if token is None:
-                raise ValueError("no phi network is loaded: choose OTI or load a phi checkpoint")
-            self.tokens.put(self._token_key(key, method, oti), token)
+                raise BadRequest("no phi network is loaded: choose OTI or load a phi checkpoint")
+            self.tokens.put(self._token_key(ref.key, method, oti), token)
         elif method == "oti":
-            for state in tqdm(self.oti_steps(image, oti, key=key), total=oti.steps + 1, desc="OTI", leave=False,
+            for state in tqdm(self.oti_steps(ref, oti), total=oti.steps + 1, desc="OTI", leave=False,
                               disable=not progress):
                 token = state.token
             token = token[0].detach()  # oti_steps cached it
         else:
-            raise ValueError(f"no pseudo-word for method {method!r}")
+            raise BadRequest(f"no pseudo-word for method {method!r}")
         return token
 
     @staticmethod
@@ -288,10 +208,9 @@ class Retriever:
         """Cache key of a pseudo-token: one per image, method and (for OTI) step count."""
         return key, method, ((oti or OTIConfig(batch_size=1)).steps if method == "oti" else 0)
 
-    def cached(self, image: Image.Image | None, caption: str, method: str = "phi",
-               oti: OTIConfig | None = None) -> str:
+    def cached(self, image: ReferenceLike | None, caption: str, method: str = "phi", oti: OTIConfig | None = None) -> str:
         """What a query would reuse: "query" (its feature), "reference" (the image's S*) or ""."""
-        key = image_key(image) if image is not None else ""
+        key = self.reference(image).key if image is not None else ""
         if self.queries.get(self._token_key(key, method, oti) + (caption,)) is not None:
             return "query"
         if image is not None and self.tokens.get(self._token_key(key, method, oti)) is not None:
@@ -299,23 +218,23 @@ class Retriever:
         return ""
 
     @torch.inference_mode()
-    def phi_token(self, image: Image.Image, key: str | None = None) -> torch.Tensor | None:
-        """phi's S* [token_width] of an image, None when no phi is loaded."""
+    def phi_token(self, image: ReferenceLike) -> torch.Tensor | None:
+        """phi's S* [token_width] of a reference, None when no phi is loaded."""
         if self.phi is None:
             return None
-        return self.phi(self.image_features(image, key)[1][None])[0]
+        return self.phi(self.image_features(image)[1][None])[0]
 
-    def oti_steps(self, image: Image.Image, oti: OTIConfig | None = None, warm: bool = True,
-                  key: str | None = None) -> Iterator[OTIStep]:
-        """OTI of one image step by step (`oti.invert_steps`), warm-started from phi when there is one.
+    def oti_steps(self, image: ReferenceLike, oti: OTIConfig | None = None, warm: bool = True) -> Iterator[OTIStep]:
+        """OTI of one reference step by step (`oti.invert_steps`), warm-started from phi when there is one.
 
         The run `pseudo_token` does, watchable: a warm run that is consumed to its end leaves its
         S* in the cache, so the next query with these settings reuses it. `warm=False` starts from
         N(0, init_std) instead (a run for comparison, not cached).
         """
-        key, feats = self.image_features(image, key)
+        ref = self.reference(image)
+        key, feats = self.image_features(ref)
         oti = oti or OTIConfig(batch_size=1)
-        init = self.phi_token(image, key) if warm else None
+        init = self.phi_token(ref) if warm else None
         init = None if init is None else init[None].clone()
         with torch.inference_mode(False):
             feats = feats[None].clone()
@@ -327,6 +246,7 @@ class Retriever:
             self.prefixes.pop(self._token_key(key, "oti", oti))  # it held the previous S*
 
     def text_feature(self, caption: str) -> torch.Tensor:
+        """The normalised feature [D] of a caption alone (the "text" method), cached."""
         feat = self.texts.get(caption)
         if feat is None:
             feat = F.normalize(self.query_backbone.encode_texts([caption]), dim=-1)[0]
@@ -334,30 +254,30 @@ class Retriever:
         return feat
 
     @torch.inference_mode()
-    def query_feature(self, image: Image.Image | None, caption: str, method: str = "phi",
+    def query_feature(self, image: ReferenceLike | None, caption: str, method: str = "phi",
                       oti: OTIConfig | None = None, progress: bool = False) -> torch.Tensor:
         """The normalised query feature [D] of one (reference, caption) pair (cached: a repeat skips the encoders)."""
         if method == "text":
             return self.text_feature(caption)
         if image is None:
-            raise ValueError("this method needs a reference image")
-        key = image_key(image)  # hashed once per query
-        qkey = self._token_key(key, method, oti) + (caption,)
+            raise BadRequest("this method needs a reference image")
+        ref = self.reference(image)  # hashed at most once per query
+        qkey = self._token_key(ref.key, method, oti) + (caption,)
         feature = self.queries.get(qkey)
         if feature is None:
-            feature = self._compose(image, key, caption, method, oti, progress)
+            feature = self._compose(ref, caption, method, oti, progress)
             self.queries.put(qkey, feature)
         return feature
 
-    def _compose(self, image: Image.Image, key: str, caption: str, method: str, oti: OTIConfig | None,
+    def _compose(self, ref: Reference, caption: str, method: str, oti: OTIConfig | None,
                  progress: bool) -> torch.Tensor:
-        _, feats = self.image_features(image, key)
+        _, feats = self.image_features(ref)
         if method == "image":
             return F.normalize(feats, dim=-1)
         if method == "image+text":
             return F.normalize(F.normalize(feats, dim=-1) + self.text_feature(caption), dim=-1)
-        token = self.pseudo_token(image, method, oti, progress, key)
-        return F.normalize(self.prompt_feature(self._token_key(key, method, oti), token, caption), dim=-1)
+        token = self.pseudo_token(ref, method, oti, progress)
+        return F.normalize(self.prompt_feature(self._token_key(ref.key, method, oti), token, caption), dim=-1)
 
     def prompt_feature(self, token_key: Hashable, token: torch.Tensor, caption: str) -> torch.Tensor:
         """Un-normalised feature [D] of the template with S* = `token` and `caption`: the caption's
@@ -381,7 +301,7 @@ class Retriever:
     def search(self, query: torch.Tensor, k: int = 10, exclude: Sequence[str] = ()) -> list[Hit]:
         return rank(self.index, query, k, exclude)
 
-    def query(self, image: Image.Image | None, caption: str, k: int = 10, method: str = "phi",
+    def query(self, image: ReferenceLike | None, caption: str, k: int = 10, method: str = "phi",
               oti: OTIConfig | None = None, exclude: Sequence[str] = (), progress: bool = False) -> list[Hit]:
         """Top-k gallery hits for a composed query."""
         return self.search(self.query_feature(image, caption, method, oti, progress), k, exclude)

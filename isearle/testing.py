@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from isearle.paths import REPO_DIR
+from isearle.timing import percentile
 
 
 def latency_stats(ms: Sequence[float]) -> dict[str, float]:
@@ -23,7 +24,7 @@ def latency_stats(ms: Sequence[float]) -> dict[str, float]:
     a = np.asarray(list(ms), dtype=np.float64)
     if a.size == 0:
         return {"n": 0, "p50": float("nan"), "p95": float("nan"), "mean": float("nan"), "max": float("nan")}
-    return {"n": int(a.size), "p50": float(np.percentile(a, 50)), "p95": float(np.percentile(a, 95)),
+    return {"n": int(a.size), "p50": percentile(a.tolist(), 50), "p95": percentile(a.tolist(), 95),
             "mean": float(a.mean()), "max": float(a.max())}
 
 

@@ -1,17 +1,17 @@
-"""The token vocabulary seen from a pseudo-word: readable BPE pieces, nearest tokens of S*, and
-the tokens a small shapes-world model was trained on (the rest of its table never moved)."""
+"""The token vocabulary seen from a pseudo-word: readable BPE pieces and the nearest tokens of S*.
+
+Which tokens a small shapes-world model was trained on belongs to that world
+(`isearle.shapes.vocabulary`); `TokenTable.nearest` takes them as `allowed`.
+"""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable
 from typing import Any
 
 import torch
 
 from isearle.backbone import Backbone
-
-SHAPES_MODELS = ("isearle-shapes", "isearle-tiny-test")
 
 
 def readable_token(tokenizer: Any, token_id: int) -> str:
@@ -34,50 +34,6 @@ def readable_token(tokenizer: Any, token_id: int) -> str:
     return f"#{int(token_id)}"
 
 
-def _world_strings() -> Iterable[str]:
-    """Word lists of the shapes world's caption grammar (every caption is built from these)."""
-    from isearle.shapes import captions as c
-    from isearle.shapes import world as w
-
-    for table in (w.SHAPES, w.COLOURS, w.BACKGROUNDS, w.PATTERNS, c.PREFIXES, c.THING_WORDS):
-        yield from table
-    for table in (c.SIZE_WORDS, c.COMPARATIVES, c.POSITION_PHRASES, c.MOVE_PHRASES):
-        for words in table.values():
-            yield from words
-
-
-@functools.lru_cache(maxsize=4)
-def world_token_ids(tokenizer: Any, n_captions: int = 3000, seed: int = 0) -> frozenset[int]:
-    """Token ids of the shapes world's captions: the rows of a shapes model's table that training moved.
-
-    The tiny CLIP was trained on captions drawn from the world's grammar only, so a deterministic
-    sample of them (every form, every edit) plus the grammar's word lists covers its vocabulary.
-    """
-    import random
-
-    from isearle.shapes.captions import caption, edit_scene, relative_caption, vocabulary
-    from isearle.shapes.world import EDIT_TYPES, random_scene
-
-    rng = random.Random(seed)
-    texts = list(_world_strings()) + vocabulary()
-    texts += [caption(random_scene(rng), rng, (1, 1, 1, 1)) for _ in range(n_captions)]
-    for i in range(n_captions // 2):  # every edit, stated both ways: the rarer clause forms
-        ref = random_scene(rng, n_objects=1 + i % 2)
-        _, changes = edit_scene(ref, EDIT_TYPES[i % len(EDIT_TYPES)], rng)
-        texts.append(relative_caption(ref, changes, rng, imperative=bool(i // len(EDIT_TYPES) % 2)))
-    ids: set[int] = set()
-    for text in texts:
-        ids.update(tokenizer.encode(text))
-    return frozenset(ids)
-
-
-def trained_token_ids(backbone: Backbone) -> frozenset[int] | None:
-    """The token ids a small model was trained on (the shapes world's vocabulary), None for real CLIPs."""
-    if backbone.name in SHAPES_MODELS and hasattr(backbone.tokenizer, "encode"):
-        return world_token_ids(backbone.tokenizer)
-    return None
-
-
 class TokenTable:
     """Cosine between a pseudo-token and every row of a backbone's token-embedding table."""
 
@@ -90,21 +46,27 @@ class TokenTable:
         tok = backbone.tokenizer
         special = {getattr(tok, "sot_token_id", None), getattr(tok, "eot_token_id", None), backbone.placeholder_id}
         self.excluded = torch.tensor(sorted(i for i in special if i is not None), dtype=torch.long)
+        self._allowed: dict[frozenset[int], torch.Tensor] = {}  # allowed ids -> the rows compared
 
     @torch.inference_mode()
     def nearest(self, token: torch.Tensor, k: int = 10, allowed: Iterable[int] | None = None
                 ) -> list[tuple[str, float]]:
-        """The k most similar vocabulary tokens (readable, cosine), among `allowed` ids when given."""
+        """The k most similar vocabulary tokens (readable, cosine), among `allowed` ids when given
+        (then only those rows are compared: a small model's trained vocabulary is a few hundred)."""
         weight = self.backbone.token_embedding.weight
         t = token.to(weight.device).float()
-        sims = (weight.float() @ t) * self.inv_norm.to(weight.device) / t.norm().clamp_min(1e-8)
-        sims[self.excluded.to(weight.device)] = -2.0
-        if allowed is not None:
-            mask = torch.full_like(sims, -2.0)
-            idx = torch.tensor(sorted(allowed), dtype=torch.long, device=sims.device)
-            mask[idx] = sims[idx]
-            mask[self.excluded.to(weight.device)] = -2.0
-            sims = mask
-        scores, ids = sims.topk(k)
+        if allowed is None:
+            sims = (weight.float() @ t) * self.inv_norm.to(weight.device) / t.norm().clamp_min(1e-8)
+            sims[self.excluded.to(weight.device)] = -2.0
+            scores, ids = sims.topk(k)
+        else:
+            key = frozenset(allowed)
+            rows = self._allowed.get(key)
+            if rows is None:  # the allowed ids, special tokens left out, sorted
+                keep = sorted(set(key) - set(self.excluded.tolist()))
+                rows = self._allowed[key] = torch.tensor(keep, dtype=torch.long, device=weight.device)
+            sims = (weight[rows].float() @ t) * self.inv_norm.to(weight.device)[rows] / t.norm().clamp_min(1e-8)
+            scores, where = sims.topk(min(k, len(rows)))
+            ids = rows[where]
         return [(readable_token(self.backbone.tokenizer, i), float(s))
                 for s, i in zip(scores.tolist(), ids.tolist(), strict=True) if s > -2.0]

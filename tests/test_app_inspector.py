@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from isearle import demo as D
-from isearle.inspect import token_digest
+from isearle.explain import token_digest
 
 gradio_client = pytest.importorskip("gradio_client")
 import test_app  # noqa: E402

@@ -212,7 +212,7 @@ def test_oti_and_missing_phi(engine, tmp_path, world):
     result = engine.search(None, ref, "is a star", k=3, method="oti", steps=10)
     assert len(result.items) == 3 and result.method == "oti"
     no_phi = D.DemoEngine([D.GalleryEntry(world["gallery"])], "cpu", thumbs_dir=tmp_path / "t")
-    assert no_phi.load().service.phi is None
+    assert no_phi.load().phi is None
     with pytest.raises(ValueError, match="choose OTI"):
         no_phi.search(None, ref, "is a star", method="phi")
     with pytest.raises(BadImage, match="no reference"):
@@ -221,29 +221,29 @@ def test_oti_and_missing_phi(engine, tmp_path, world):
 
 def test_gallery_item_as_reference_is_left_out_and_ground_truth_marked(engine):
     loaded = engine.load()
-    ref_id, gt = loaded.service.index.ids[5], loaded.service.index.ids[:4]
+    ref_id, gt = loaded.index.ids[5], loaded.index.ids[:4]
     path, image = engine.reference_image(engine.default_key, ref_id)
     assert image.size == (D.REFERENCE_SIZE, D.REFERENCE_SIZE)
     engine.truth.table[(ref_id, D.caption_key("is a star instead"))] = gt
-    result = engine.search(None, path, "  Is a STAR instead ", k=len(loaded.service.index) - 1, method="phi")
+    result = engine.search(None, path, "  Is a STAR instead ", k=len(loaded.index) - 1, method="phi")
     ids = [it.id for it in result.items]
-    assert ref_id not in ids and len(ids) == len(loaded.service.index) - 1
+    assert ref_id not in ids and len(ids) == len(loaded.index) - 1
     assert result.reference_id == ref_id and result.gt_ids == gt and result.gt_found == 4
     assert all(it.ground_truth == (it.id in gt) for it in result.items)
     assert next(it.caption for it in result.items if it.ground_truth).endswith(" ✓")
     # the canonical image (what the gallery was embedded from) is queried: image-only finds its twin
-    _, feats = loaded.service.retriever.image_features(engine.resolve_reference(loaded, engine.default_key, image)[0])
+    _, feats = loaded.retriever.image_features(engine.reference(engine.default_key, image))
     vec = torch.nn.functional.normalize(feats, dim=-1).numpy()
-    assert loaded.service.index.search(vec[None], 1)[0][0][0] == ref_id
+    assert loaded.index.search(vec[None], 1)[0][0][0] == ref_id
 
 
 def test_examples_are_registered(engine):
     paths = engine.example_paths()
     assert len(paths) == len(engine.examples.references) == 12
     assert paths[0][1] == engine.examples.references[0].caption and paths[0][2] == "colour"
-    loaded = engine.load()
+    engine.load()
     image = Image.open(paths[0][0]).convert("RGB")
-    _, ref_id = engine.resolve_reference(loaded, engine.default_key, image)
+    ref_id = engine.reference(engine.default_key, image).item_id
     assert ref_id == engine.examples.references[0].reference_id
 
 
@@ -349,11 +349,11 @@ def test_gallery_built_from_an_image_folder_once(world, tmp_path):
     key = engine.default_key
     assert key.startswith(str(tmp_path / "cache" / "hub-isearle-tiny-test-"))
     loaded = engine.load()
-    assert len(loaded.service.index) == 5 and not loaded.benchmark and loaded.service.phi is None
+    assert len(loaded.index) == 5 and not loaded.benchmark and loaded.phi is None
     result = engine.search(None, folder / "red.jpg", "is blue", k=3, method="oti", steps=5)
     assert len(result.items) == 3 and Image.open(result.items[0].image).size[0] <= D.THUMB_SIZE
     assert str(folder) in engine.served_paths()
-    assert [e[2] for e in engine.example_paths()][:2] == loaded.service.index.ids[:2]  # gallery items as examples
+    assert [e[2] for e in engine.example_paths()][:2] == loaded.index.ids[:2]  # gallery items as examples
     assert engine.info()["methods"] == ["oti"] and len(engine.info()["backbones"]) == 2
     again = D.DemoEngine.start(args, warm=False)  # cached: nothing is embedded twice
     assert (Path(key) / "index.json").stat().st_mtime == (Path(again.default_key) / "index.json").stat().st_mtime
@@ -393,3 +393,69 @@ def test_latency_stats():
     assert latency_stats([])["n"] == 0
     assert split_app_args(["--n", "5", "--", "--gallery", "g"]) == (["--n", "5"], ["--gallery", "g"])
     assert split_app_args(["--n", "5"]) == (["--n", "5"], [])
+
+
+# ------------------------------------------------------------------ one Reference per request
+def _counting(monkeypatch, module, name, calls):
+    real = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_search_then_explain_decode_and_hash_the_upload_once(engine, tmp_path, monkeypatch):
+    """The explanation panel (a second request with the same upload) reuses the search's Reference
+    and its S*, image feature and query: no decode, no hash, no image encoder, no phi pass again."""
+    import isearle.reference as R
+    from isearle.phi import Phi
+
+    session = engine.load()
+    path = tmp_path / "upload.jpg"
+    Image.new("RGB", (640, 480), (200, 40, 90)).save(path, quality=90)
+    calls: dict[str, int] = {}
+    _counting(monkeypatch, R, "open_image", calls)
+    _counting(monkeypatch, R, "image_key", calls)
+    _counting(monkeypatch, type(session.backbone), "encode_pil", calls)
+    _counting(monkeypatch, Phi, "forward", calls)
+    engine.search(None, str(path), "is a star instead", k=5, method="phi")
+    assert calls == {"open_image": 1, "image_key": 1, "encode_pil": 1, "forward": 1}
+    calls.clear()
+    import isearle.explain as X
+
+    _counting(monkeypatch, X, "encode_tokens", calls)
+    _counting(monkeypatch, type(session.backbone), "encode_texts", calls)
+    ex = engine.explain(None, str(path), "is a star instead", "phi", k=4)
+    # one text pass for "a photo of S*" and the caption alone (the text-only ranking) together
+    assert calls == {"encode_tokens": 1} and len(ex.image_only) == len(ex.text_only) == 4
+    with torch.inference_mode():
+        alone = torch.nn.functional.normalize(session.backbone.encode_texts(["is a star instead"]), dim=-1)[0]
+    assert float((session.retriever.texts.get("is a star instead") - alone).abs().max()) <= 1e-5
+    calls.clear()
+    engine.search(None, str(path), "is blue instead", k=5, method="phi")  # a new caption: text pass only
+    assert calls == {}
+
+
+def test_a_large_jpeg_is_decoded_at_the_models_scale(engine, tmp_path):
+    """A 4000x3000 phone photo (EXIF-rotated) is decoded at 1/8 scale by the JPEG decoder itself,
+    turned upright, and encodes to nearly the feature of the full decode."""
+    from isearle.reference import DECODE_SCALE, MIN_DECODE, load_reference
+
+    session = engine.load()
+    big = Image.radial_gradient("L").resize((4000, 3000)).convert("RGB")
+    exif = Image.Exif()
+    exif[274] = 6  # rotate 90 degrees clockwise on display
+    path = tmp_path / "phone.jpg"
+    big.save(path, quality=85, exif=exif)
+    ref = session.reference(str(path))
+    w, h = ref.image.size
+    target = max(int(DECODE_SCALE * session.backbone.image_size), MIN_DECODE)
+    assert h > w and target <= w < 2 * target  # upright, and only as large as the model needs
+    assert any("EXIF orientation" in n for n in ref.notes)
+    full, _ = load_reference(str(path))  # no size: the full 3000x4000 decode
+    assert full.size == (3000, 4000)
+    with torch.inference_mode():
+        a, b = session.backbone.encode_pil([ref.image])[0], session.backbone.encode_pil([full])[0]
+    assert float(torch.nn.functional.cosine_similarity(a, b, dim=0)) > 0.99

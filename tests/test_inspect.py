@@ -1,4 +1,4 @@
-"""The pseudo-word inspector's library side (isearle.inspect, isearle.report) and `isearle inspect`.
+"""The pseudo-word inspector's library side (isearle.explain, isearle.report) and `isearle inspect`.
 
 On the offline shapes world (bundled tiny CLIP, phi and gallery) when it is in the checkout, else on
 the random-init stand-in; values are checked against the query path (`Retriever`) they must agree with.
@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 from isearle import demo as D
-from isearle import inspect as I
+from isearle import explain as I
 from isearle.concepts import ConceptBank, load_vocabulary
 from isearle.images import open_image
 from isearle.oti import OTIConfig, invert, invert_steps, token_norm
 from isearle.paths import REPO_DIR
 from isearle.retrieval import Hit, Retriever, image_key
-from isearle.service import Service, load_service
+from isearle.service import Session, load_service
 
 REAL_WORLD = (REPO_DIR / "gallery_index" / "index.json").is_file() and (
     REPO_DIR / "assets" / "models" / "isearle-shapes.safetensors").is_file() and not D.offline_gallery_stale(
@@ -43,8 +43,7 @@ def bank(service):
 @pytest.fixture
 def insp(service, bank):
     """A fresh retriever (empty caches) over the module's backbone, gallery and phi."""
-    fresh = Service(Retriever(service.backbone, service.index, service.phi), service.phi_name)
-    return I.Inspector(fresh, D.TokenTable(service.backbone), bank, D.trained_token_ids(service.backbone))
+    return Session(service.backbone, service.index, service.phi, service.phi_name, bank=bank)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def image_of(ex, service):
 
 
 def oti_config(insp, steps=STEPS):
-    return insp.service.oti_config(steps)
+    return insp.oti_config(steps)
 
 
 def word_token(backbone, word):
@@ -163,7 +162,7 @@ def test_compare_phi_and_oti(insp, service, examples):
         image, ex.caption, 10, "oti", cfg, exclude=[ex.reference_id])]
     shared = len({h.id for h in c.phi_hits} & {h.id for h in c.oti_hits})
     assert c.overlap == pytest.approx(shared / 10)
-    no_phi = I.Inspector(Service(Retriever(service.backbone, service.index), None), insp.table, insp.bank)
+    no_phi = Session(service.backbone, service.index, None, None, bank=insp.bank, trained_only=False)
     with pytest.raises(ValueError, match="no phi"):
         I.compare(no_phi, image, ex.caption, cfg)
 

@@ -45,7 +45,7 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
     """Retriever(auto) where bf16 is not native and ONNX Runtime is made faster (or slower) by a pause."""
     import time
 
-    from isearle import retrieval
+    from isearle import tuning
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
 
@@ -57,7 +57,7 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
         return out + torch.randn_like(out) * out.abs().max() if spoil else out
 
     monkeypatch.setattr(onnx_text.OnnxText, "__call__", timed)
-    monkeypatch.setattr(retrieval, "bf16_native", lambda device: False)
+    monkeypatch.setattr(tuning, "bf16_native", lambda device: False)
     real_encode = prefix_cache.PromptPrefix.encode
 
     def slow_torch(self, tokens, engine=None):
@@ -67,7 +67,8 @@ def _retriever(backbone, monkeypatch, onnx_faster: bool, spoil: bool = False):
 
     monkeypatch.setattr(prefix_cache.PromptPrefix, "encode", slow_torch)
     vectors = torch.nn.functional.normalize(torch.randn(30, backbone.embed_dim), dim=-1)
-    retriever = Retriever(backbone, GalleryIndex.build(vectors, [str(i) for i in range(30)], None), precision="auto")
+    retriever = Retriever(backbone, GalleryIndex.build(vectors, [str(i) for i in range(30)], None))
+    tuning.tune(retriever, "auto")
     monkeypatch.setattr(prefix_cache.PromptPrefix, "encode", real_encode)
     return retriever
 
@@ -104,12 +105,42 @@ def test_auto_keeps_pytorch_where_onnx_runtime_is_slower_or_disagrees(tiny, monk
 
 
 def test_without_onnxruntime_auto_stays_on_pytorch(tiny, monkeypatch):
-    from isearle import retrieval
+    from isearle import tuning
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
 
     monkeypatch.setattr(onnx_text, "available", lambda backbone: False)
-    monkeypatch.setattr(retrieval, "bf16_native", lambda device: False)
+    monkeypatch.setattr(tuning, "bf16_native", lambda device: False)
     vectors = torch.nn.functional.normalize(torch.randn(30, tiny.embed_dim), dim=-1)
-    retriever = Retriever(tiny, GalleryIndex.build(vectors, [str(i) for i in range(30)], None), precision="auto")
+    retriever = Retriever(tiny, GalleryIndex.build(vectors, [str(i) for i in range(30)], None))
+    tuning.tune(retriever, "auto")
     assert retriever.text_engine is None and "ONNX" not in retriever.precision_report()
+
+
+def test_the_exported_graph_is_kept_on_disk_per_weights(tiny, tmp_path, monkeypatch):
+    """A second start reads the graph of the same weights instead of exporting it (no exporter call),
+    and computes the same; a damaged file is exported again; random-init weights are never cached."""
+    from isearle.backbone import load_backbone
+
+    checkpoint = tmp_path / "tiny.pt"
+    torch.save(tiny.model.state_dict(), checkpoint)
+    backbone = load_backbone("isearle-tiny-test", str(checkpoint), "cpu")
+    first = onnx_text.OnnxText(backbone)
+    path = onnx_text.graph_path(backbone)
+    assert first.exported and path.is_file()
+
+    def no_export(backbone):
+        raise AssertionError("exported again")
+
+    real_export = onnx_text.export
+    monkeypatch.setattr(onnx_text, "export", no_export)
+    second = onnx_text.OnnxText(backbone)
+    assert not second.exported
+    x, past = torch.randn(1, 5, backbone.token_width), torch.randn(len(backbone.text.transformer.resblocks), 2, 1, 6,
+                                                                    backbone.token_width)
+    assert torch.equal(first(x, past), second(x, past))
+    path.write_bytes(b"not a graph")
+    monkeypatch.setattr(onnx_text, "export", real_export)
+    third = onnx_text.OnnxText(backbone)
+    assert third.exported and torch.allclose(third(x, past), first(x, past), atol=1e-6)
+    assert onnx_text.graph_path(tiny) is None  # random init: no key, never cached

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from isearle import precision as P
+from isearle import tuning as T
 from isearle.paths import ASSETS_DIR
 
 
@@ -29,17 +30,17 @@ DISAGREES = torch.tensor([1.0, 0.1, 0.0])  # cosine 0.995
 
 
 def test_auto_keeps_bf16_when_faster_and_agreeing():
-    choice = P.choose("auto", fake_encoder(0.02, 0.001, AGREES), native=True, repeat=3)
+    choice = T.choose("auto", fake_encoder(0.02, 0.001, AGREES), native=True, repeat=3)
     assert choice.precision == "bf16" and choice.bf16_ms < choice.fp32_ms and choice.cosine > 0.9999
 
 
 def test_auto_picks_fp32_where_bf16_disagrees_even_if_faster():
-    choice = P.choose("auto", fake_encoder(0.02, 0.001, DISAGREES), native=True, repeat=3)
+    choice = T.choose("auto", fake_encoder(0.02, 0.001, DISAGREES), native=True, repeat=3)
     assert choice.precision == "fp32" and "disagrees" in choice.reason and choice.cosine < P.MIN_COSINE
 
 
 def test_auto_picks_fp32_where_bf16_is_slower():
-    choice = P.choose("auto", fake_encoder(0.001, 0.02, AGREES), native=True, repeat=3)
+    choice = T.choose("auto", fake_encoder(0.001, 0.02, AGREES), native=True, repeat=3)
     assert choice.precision == "fp32" and "not faster" in choice.reason
 
 
@@ -47,10 +48,10 @@ def test_auto_without_native_bf16_never_tries_it():
     def encode(p: str) -> torch.Tensor:
         raise AssertionError("must not be measured")
 
-    assert P.choose("auto", encode, native=False).precision == "fp32"
-    assert P.choose("bf16", encode, native=False).precision == "bf16"  # asked for: obeyed
+    assert T.choose("auto", encode, native=False).precision == "fp32"
+    assert T.choose("bf16", encode, native=False).precision == "bf16"  # asked for: obeyed
     with pytest.raises(ValueError, match="unknown precision"):
-        P.choose("fp16", encode, native=True)
+        T.choose("fp16", encode, native=True)
 
 
 def test_retriever_auto_falls_back_to_fp32_when_the_bf16_model_disagrees(tiny, monkeypatch):
@@ -69,13 +70,14 @@ def test_retriever_auto_falls_back_to_fp32_when_the_bf16_model_disagrees(tiny, m
         return low
 
     monkeypatch.setattr(type(tiny), "with_precision", disagreeing)
-    monkeypatch.setattr("isearle.retrieval.bf16_native", lambda device: True)
-    monkeypatch.setattr("isearle.retrieval.onnx_text.available", lambda backbone: False)
-    retriever = Retriever(tiny, index, precision="auto")
+    monkeypatch.setattr("isearle.tuning.bf16_native", lambda device: True)
+    monkeypatch.setattr("isearle.tuning.onnx_text.available", lambda backbone: False)
+    retriever = Retriever(tiny, index)
+    T.tune(retriever, "auto")
     assert retriever.precision.precision == "fp32" and "disagrees" in retriever.precision.reason
     assert retriever.query_backbone is tiny
     monkeypatch.setattr(type(tiny), "with_precision", real)  # an agreeing copy is kept when faster
-    choice = retriever.set_precision("bf16")
+    choice = T.tune(retriever, "bf16")
     assert retriever.query_backbone.precision == "bf16" and choice.precision == "bf16"
     assert retriever.query_backbone.model.text_projection.dtype == torch.bfloat16  # weights kept in bf16
     assert tiny.model.text_projection.dtype == torch.float32  # OTI's backbone untouched
@@ -85,13 +87,12 @@ def test_auto_chooses_per_tower(tiny, monkeypatch):
     """bf16 is kept for the text pass where it agrees and dropped for the image tower where it does
     not (measured on one CPU here: bf16 text 1.25x faster, bf16 images 0.8x): each tower is measured
     on its own, and uploads are encoded by the image tower's choice."""
-    from isearle import retrieval
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
 
     index = GalleryIndex.build(torch.nn.functional.normalize(torch.randn(20, tiny.embed_dim), dim=-1),
                                [str(i) for i in range(20)], None)
-    real, real_choose = type(tiny).with_precision, P.choose
+    real, real_choose = type(tiny).with_precision, T.choose
 
     def images_disagree(self, p):
         low = real(self, p)
@@ -104,10 +105,11 @@ def test_auto_chooses_per_tower(tiny, monkeypatch):
                            repeat=3)
 
     monkeypatch.setattr(type(tiny), "with_precision", images_disagree)
-    monkeypatch.setattr(retrieval, "bf16_native", lambda device: True)
-    monkeypatch.setattr(retrieval.onnx_text, "available", lambda backbone: False)  # PyTorch's choice alone
-    monkeypatch.setattr(retrieval, "choose", bf16_faster)
-    retriever = Retriever(tiny, index, precision="auto")
+    monkeypatch.setattr(T, "bf16_native", lambda device: True)
+    monkeypatch.setattr(T.onnx_text, "available", lambda backbone: False)  # PyTorch's choice alone
+    monkeypatch.setattr(T, "choose", bf16_faster)
+    retriever = Retriever(tiny, index)
+    T.tune(retriever, "auto")
     assert retriever.precision.precision == "bf16" and retriever.query_backbone.precision == "bf16"
     assert retriever.image_precision.precision == "fp32" and "disagrees" in retriever.image_precision.reason
     assert retriever.image_backbone is tiny
@@ -160,7 +162,8 @@ def test_bf16_and_fp32_give_the_same_top10_on_the_shapescir_examples(shapes_serv
     examples = json.loads((ASSETS_DIR / "examples.json").read_text())["references"]
     size = int(shapes_service.index.info.get("render_size", shapes_service.backbone.image_size))
     fp32 = shapes_service.retriever
-    bf16 = Retriever(fp32.backbone, fp32.index, shapes_service.phi, precision="bf16")
+    bf16 = Retriever(fp32.backbone, fp32.index, shapes_service.phi)
+    T.tune(bf16, "bf16")
     assert bf16.query_backbone.precision == "bf16"
     same_items, worst, moved = 0, 0.0, 0.0
     for ex in examples:
@@ -191,7 +194,7 @@ def test_app_setting_precision_reaches_the_query_path(tmp_path):
     args = p.parse_args(["--examples", str(tmp_path / "none.json"), "--no-warmup"])
     assert args.precision == "bf16"
     engine = D.DemoEngine.start(args, warm=False)
-    retriever = engine.load().service.retriever
+    retriever = engine.load().retriever
     assert retriever.query_backbone.precision == "bf16" and retriever.backbone.precision != "bf16"
     assert engine.info()["precision"].startswith("bf16")
     p = argparse.ArgumentParser()

@@ -646,7 +646,7 @@ def test_damaged_thumbnails_are_written_again(tmp_path, caplog):
 @pytest.fixture()
 def offline_world(monkeypatch, tmp_path):
     """A small offline world: the bundled shapes CLIP, 24 ShapesCIR gallery scenes, REPO_DIR = tmp."""
-    import isearle.demo.engine
+    import isearle.demo.galleries
     from isearle.shapes import benchmark
     from isearle.weights import weights_file
 
@@ -657,7 +657,7 @@ def offline_world(monkeypatch, tmp_path):
     bench.mkdir()
     (bench / "gallery.json").write_text(json.dumps(dict(list(specs.items())[:24])))
     monkeypatch.setattr(benchmark, "BENCHMARK_DIR", bench)
-    monkeypatch.setattr(isearle.demo.engine, "REPO_DIR", tmp_path)  # tmp/gallery_index is "the offline gallery"
+    monkeypatch.setattr(isearle.demo.galleries, "REPO_DIR", tmp_path)  # tmp/gallery_index is "the offline gallery"
     return tmp_path / "gallery_index"
 
 

@@ -2,8 +2,9 @@
 
 Each sub-command is (name, help, add-arguments function, run function), by reference; the run
 functions import the library lazily, so that `isearle --help` stays fast. Expected failures (missing
-weights, a bad image, a missing file or disk, a bad value) end in one line on stderr and exit 1; a
-bug too, naming its type ("internal error"), and ISEARLE_DEBUG=1 shows its traceback.
+weights, a bad image, a damaged artifact: `isearle.errors.IsearleError`; a missing file or a full disk)
+end in one line on stderr and exit 1; a bug too, naming its type ("internal error"), and
+ISEARLE_DEBUG=1 shows its traceback.
 """
 
 from __future__ import annotations
@@ -69,12 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     handler.setFormatter(_Messages("%(message)s"))
     logging.getLogger("isearle").addHandler(handler)
     logging.getLogger("isearle").setLevel(logging.INFO)
-    from isearle.backbone import WeightsUnavailable
-    from isearle.images import BadImage
+    from isearle.errors import IsearleError
 
     try:
         return int(args.run(args) or 0)
-    except (WeightsUnavailable, BadImage, FileNotFoundError, ValueError) as err:  # ArtifactError too
+    except IsearleError as err:  # every one-line user error: bad image, weights, artifact, caption...
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -6,8 +6,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-DEFAULT_MODEL = "ViT-B-32"
-DEFAULT_PRETRAINED = "openai"
+from isearle.defaults import DEFAULTS
+
+DEFAULT_MODEL, DEFAULT_PRETRAINED = DEFAULTS.model, DEFAULTS.pretrained
 
 
 def add_backbone_arguments(p: argparse.ArgumentParser) -> None:

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 from isearle.cli.common import add_backbone_arguments, backbone_from
+from isearle.defaults import DEFAULTS
+from isearle.errors import BadRequest
 
 
 def add_index_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +26,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf-image-column", default=None, help="image column (default: the first Image feature)")
     p.add_argument("--hf-id-column", default=None, help="id column (default: split/row)")
     p.add_argument("--limit", type=int, default=None, help="index only the first N images")
-    p.add_argument("--out", type=Path, default=Path("gallery_index"), help="index folder")
+    p.add_argument("--out", type=Path, default=Path(DEFAULTS.gallery), help="index folder")
     p.add_argument("--append", action="store_true", help="add to the index in --out instead of replacing it")
     p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
@@ -65,7 +67,7 @@ def index_main(args: argparse.Namespace) -> int:
         items = scene_items(args.shapes, args.shapes_seed, backbone.image_size)
     items = items[: args.limit]
     if not items:
-        raise ValueError("no images found to index")
+        raise BadRequest("no images found to index")
     config = IndexConfig(kind=args.kind, flat_threshold=args.flat_threshold, approximate=args.approximate,
                          large_threshold=args.large_threshold, hnsw_m=args.hnsw_m, hnsw_ef_search=args.ef_search,
                          ivf_nprobe=args.nprobe)
@@ -98,24 +100,23 @@ def add_query_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=["phi", "oti", "image", "text", "image+text"], default="phi",
                    help="how the query is built")
     p.add_argument("--phi", default=None, help="phi: searle, searle-xl or a checkpoint (default: the gallery's)")
-    p.add_argument("--steps", type=int, default=350, help="OTI steps for --method oti")
-    p.add_argument("--gallery", type=Path, default=Path("gallery_index"), help="gallery index folder from `isearle index`")
+    p.add_argument("--steps", type=int, default=DEFAULTS.oti_steps, help=f"OTI steps for --method oti ({DEFAULTS.oti_steps})")
+    p.add_argument("--gallery", type=Path, default=Path(DEFAULTS.gallery), help="gallery index folder from `isearle index`")
     p.add_argument("--json", action="store_true", help="print a JSON list of {id, path, score}")
     from isearle.precision import add_precision_argument
 
-    # One query per process: auto's start-up measurement (and ONNX export) would cost more than it
-    # saves (12.8 s for ViT-B/32 here, against ~0.1 s for the query); it pays in the long-running app.
-    add_precision_argument(p, default="fp32")
+    # One query per process: auto's start-up measurement would cost more than it saves; it pays in
+    # the long-running app (`defaults.Defaults.one_shot_precision`).
+    add_precision_argument(p, default=DEFAULTS.one_shot_precision)
 
 
 def query_main(args: argparse.Namespace) -> int:
-    from isearle.images import open_image
     from isearle.service import load_service
 
-    service = load_service(args.gallery, model=args.model, pretrained=args.pretrained, phi=args.phi,
+    session = load_service(args.gallery, model=args.model, pretrained=args.pretrained, phi=args.phi,
                            device=args.device, precision=args.precision)
-    image = open_image(args.image) if args.image else None
-    hits = service.retriever.query(image, args.caption, args.top_k, args.method, service.oti_config(args.steps))
+    ref = session.reference(args.image) if args.image else None
+    hits = session.search(ref, args.caption, args.top_k, args.method, session.oti_config(args.steps))
     rows = [{"id": h.id, "path": h.metadata.get("path"), "score": round(h.score, 6)} for h in hits]
     if args.json:
         print(json.dumps(rows))

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from isearle.cli.common import add_backbone_arguments
+from isearle.defaults import DEFAULTS
 
 
 def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
@@ -14,7 +15,7 @@ def add_inspect_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", nargs="+", choices=["phi", "oti"], default=["phi"],
                    help="how S* is made; both: also the phi-vs-OTI cosine per image")
     p.add_argument("--phi", default=None, help="phi: searle, searle-xl or a checkpoint (default: the backbone's own)")
-    p.add_argument("--steps", type=int, default=None, help="OTI steps (default 350, the paper's)")
+    p.add_argument("--steps", type=int, default=None, help=f"OTI steps (default {DEFAULTS.oti_steps}, the paper's)")
     p.add_argument("--cold", action="store_true", help="OTI from noise as in SEARLE (default: warm-started from phi, "
                    "as the demo's OTI)")
     p.add_argument("--vocabulary", default=None, help="concepts: shapes, imagenet, openimages or a text file "

@@ -3,7 +3,7 @@
 `app.py` wires widgets to a `DemoEngine` (engine): it opens the configured galleries (galleries:
 the bundled offline shapes world, or a real CLIP over an image folder or a Hugging Face dataset,
 built once and cached), checks inputs (inputs), runs composed queries through the cached
-`Retriever`, marks ShapesCIR ground truths (examples), explains the pseudo-word S* (vocabulary,
+`Session`, marks ShapesCIR ground truths (examples), explains the pseudo-word S* (vocabulary,
 charts) and serves thumbnails (media). Settings are CLI flags with ISEARLE_* defaults (settings);
 `python -m isearle.demo` builds the offline gallery and the examples file.
 
@@ -11,7 +11,7 @@ The names below are the package's public surface, re-exported from the module th
 """
 
 from isearle.demo.charts import bar_chart
-from isearle.demo.engine import CONCEPT_TEMPLATE, DemoEngine, Loaded
+from isearle.demo.engine import CONCEPT_TEMPLATE, DemoEngine
 from isearle.demo.examples import (
     EXAMPLES_PATH,
     PHOTO_CAPTIONS,
@@ -59,8 +59,11 @@ from isearle.demo.settings import (
     entries_from_args,
     settings_table,
 )
-from isearle.vocabulary import (
+from isearle.errors import IsearleError
+from isearle.runtime import set_threads
+from isearle.service import (
     SHAPES_MODELS,
+    Session,
     TokenTable,
     readable_token,
     trained_token_ids,
@@ -71,9 +74,9 @@ __all__ = [
     "BENCHMARK", "CONCEPT_TEMPLATE", "DEFAULT_OTI_STEPS", "EXAMPLES_PATH", "MAX_CAPTION_CHARS", "MAX_UPLOAD_BYTES",
     "METHOD_LABELS", "PHOTO_CAPTIONS", "REFERENCE_SIZE", "SETTINGS", "SHAPES_CAPTIONS", "SHAPES_MODELS",
     "THUMB_SIZE", "CaptionError", "DemoEngine", "Example", "Examples", "Explanation", "GalleryEntry",
-    "GroundTruth", "Loaded", "PreparedCaption", "ResultItem", "SearchResult", "Setting", "ThumbnailCache",
+    "GroundTruth", "IsearleError", "PreparedCaption", "ResultItem", "SearchResult", "Session", "Setting", "ThumbnailCache",
     "TokenTable", "add_arguments", "bar_chart", "build_shapes_gallery", "build_test_world", "caption_key",
     "clean_caption", "ensure_offline_gallery", "entries_from_args", "gallery_image", "hub_gallery_dir",
     "item_spec", "load_examples", "load_reference", "make_examples", "offline_gallery_stale", "open_service",
-    "prepare_caption", "readable_token", "render_spec", "settings_table", "trained_token_ids", "world_token_ids",
+    "prepare_caption", "readable_token", "render_spec", "set_threads", "settings_table", "trained_token_ids", "world_token_ids",
 ]

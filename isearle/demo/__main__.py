@@ -8,10 +8,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from isearle.backbone import load_backbone
+from isearle.defaults import DEFAULTS
 from isearle.demo.examples import EXAMPLES_PATH, make_examples
-from isearle.demo.galleries import build_shapes_gallery
 from isearle.demo.settings import settings_table
+from isearle.gallery_builds import build_offline_gallery
 from isearle.paths import REPO_DIR
 
 
@@ -20,7 +20,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m isearle.demo", description="helpers of the Gradio demo")
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build-gallery", help="embed the ShapesCIR gallery into gallery_index/ (offline world)")
-    b.add_argument("--out", type=Path, default=REPO_DIR / "gallery_index")
+    b.add_argument("--out", type=Path, default=REPO_DIR / DEFAULTS.gallery)
     b.add_argument("--model", default="isearle-shapes")
     b.add_argument("--pretrained", default="isearle-shapes")
     b.add_argument("--benchmark", type=Path, default=None, help="ShapesCIR folder (default assets/shapescir)")
@@ -32,10 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.cmd == "build-gallery":
-        from isearle.shapes.benchmark import BENCHMARK_DIR
-
-        backbone = load_backbone(args.model, None if args.pretrained == "none" else args.pretrained, "cpu")
-        out = build_shapes_gallery(args.out, backbone, benchmark_dir=args.benchmark or BENCHMARK_DIR)
+        pretrained = None if args.pretrained == "none" else args.pretrained
+        out = build_offline_gallery(args.out, args.model, pretrained, args.benchmark)
         print(f"offline gallery written to {out}")
     elif args.cmd == "make-examples":
         print(f"wrote {make_examples(args.benchmark, args.out, args.n)}")

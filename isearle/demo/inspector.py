@@ -1,9 +1,9 @@
-"""The demo's inspector views: `isearle.inspect` for the app's inputs (no gradio here).
+"""The demo's inspector views: `isearle.explain` for the app's inputs (no gradio here).
 
 Each view takes what the app's widgets hold (backbone key, reference file, caption, method, steps)
 and resolves them as the search does: a gallery item or a benchmark example is encoded as the
 gallery was and left out of the rankings, its ground truths marked; the caption is checked. The
-numbers are `isearle.inspect`'s; the views add thumbnails, plot rows and one-line summaries.
+numbers are `isearle.explain`'s; the views add thumbnails, plot rows and one-line summaries.
 """
 
 from __future__ import annotations
@@ -16,31 +16,32 @@ from typing import Any
 
 from PIL import Image
 
-from isearle import inspect as I
-from isearle.demo.engine import DemoEngine, Loaded
-from isearle.demo.inputs import load_reference, prepare_caption
+from isearle import explain as I
+from isearle.demo.engine import DemoEngine
 from isearle.demo.results import ResultItem
-from isearle.images import BadImage
-from isearle.oti import OTIConfig
+from isearle.demo.settings import DEFAULT_OTI_STEPS
+from isearle.errors import BadRequest
+from isearle.reference import BadImage
+from isearle.reference import Reference as Picture
 from isearle.retrieval import Hit
+from isearle.service import Session
 
 
 @dataclass
-class Reference:
-    """A resolved reference: the image to encode, its gallery id (or None) and the query's ground truths."""
+class Request:
+    """One view's inputs resolved: the gallery entry's session (seen with the request's vocabulary
+    choice), the `Reference` (decoded, hashed and resolved once), the checked caption, ground truths."""
 
     key: str
-    loaded: Loaded
-    insp: I.Inspector
-    image: Image.Image
-    ref_id: str | None
+    session: Session
+    ref: Picture
     caption: str | None
     gts: set[str] = field(default_factory=set)
     notes: list[str] = field(default_factory=list)
 
     @property
     def exclude(self) -> list[str]:
-        return [self.ref_id] if self.ref_id else []
+        return self.ref.exclude
 
 
 def pairs(values: Sequence[tuple[str, float]]) -> list[list]:
@@ -76,55 +77,45 @@ class InspectorViews:
         self.engine = engine
 
     # ---------------------------------------------------------------------------------- inputs
-    def inspector(self, loaded: Loaded, trained_only: bool = True) -> I.Inspector:
-        allowed = loaded.trained if trained_only else None
-        return I.Inspector(loaded.service, loaded.table, loaded.concepts(), allowed)
-
-    def reference(self, key: str | None, reference: str | Path | Image.Image | None, caption: str | None,
-                  trained_only: bool = True, caption_required: bool = True) -> Reference:
-        """The reference and caption resolved as `DemoEngine.search` resolves them."""
+    def reference(self, key: str | None, reference: Any, caption: str | None, trained_only: bool = True,
+                  caption_required: bool = True) -> Request:
+        """The reference and caption resolved as `DemoEngine.search` resolves them (the same `Reference`)."""
         key = key or self.engine.default_key
-        loaded = self.engine.load(key)
-        if reference is None:
-            raise BadImage("no reference image: upload one, or pick an example or a result")
-        image, notes = load_reference(reference)
-        query_image, ref_id = self.engine.resolve_reference(loaded, key, image)
-        text = None
+        session = self.engine.load(key)
+        ref = self.engine.reference(key, reference)
+        text, notes = None, list(ref.notes)
         if caption_required or (caption and caption.strip()):
-            cap = prepare_caption(loaded.backbone, caption, loaded.service.retriever.template, loaded.trained)
+            cap = session.caption(caption)
             text, notes = cap.caption, notes + cap.notes
-        gts = set(self.engine.truth.get(ref_id, text) or ()) if (loaded.benchmark and text) else set()
-        return Reference(key, loaded, self.inspector(loaded, trained_only), query_image, ref_id, text, gts, notes)
+        gts = set(self.engine.truth.get(ref.item_id, text) or ()) if (session.benchmark and text) else set()
+        return Request(key, session.viewing(trained_only), ref, text, gts, notes)
 
-    def token(self, ref: Reference, method: str, steps: int) -> Any:
-        if method == "phi" and ref.loaded.service.phi is None:
-            raise ValueError("phi is not available for this backbone: choose OTI")
-        if method not in ("phi", "oti"):
-            raise ValueError(f"unknown method {method!r}: choose phi or OTI")
-        return ref.insp.retriever.pseudo_token(ref.image, method, self.oti(ref, steps), progress=True)
+    def token(self, req: Request, method: str, steps: int) -> Any:
+        req.session.check_method(method)
+        return req.session.retriever.pseudo_token(req.ref, method, self.oti(req, steps), progress=True)
 
     @staticmethod
-    def oti(ref: Reference, steps: int) -> OTIConfig:
-        return ref.loaded.service.oti_config(int(steps))
+    def oti(req: Request, steps: int) -> Any:
+        return req.session.oti_config(int(steps))
 
-    def items(self, ref: Reference, hits: Sequence[Hit], gts: set[str] | None = None) -> list[ResultItem]:
-        return self.engine.result_items(ref.key, ref.loaded, hits, ref.gts if gts is None else gts)
+    def items(self, req: Request, hits: Sequence[Hit], gts: set[str] | None = None) -> list[ResultItem]:
+        return self.engine.result_items(req.key, req.session, hits, req.gts if gts is None else gts)
 
     @staticmethod
-    def gt_line(ref: Reference, items: Sequence[ResultItem]) -> str:
+    def gt_line(ref: Request, items: Sequence[ResultItem]) -> str:
         if not ref.gts:
             return ""
         found = sum(1 for it in items if it.ground_truth)
         return f" · ShapesCIR ground truth: **{found} of {len(ref.gts)}** in the top {len(items)} (✓)"
 
     # ------------------------------------------------------------------------- 1. watch OTI
-    def watch(self, key: str | None, reference: Any, caption: str | None, steps: int = 150, every: int = 10,
+    def watch(self, key: str | None, reference: Any, caption: str | None, steps: int = DEFAULT_OTI_STEPS, every: int = 10,
               warm: bool = True, k: int = 5, trained_only: bool = True) -> Iterator[Frame]:
         """OTI streamed: a frame every `every` steps (the last frame is the plain OTI query's S*)."""
         ref = self.reference(key, reference, caption, trained_only)
         oti = self.oti(ref, steps)
         start = time.perf_counter()
-        for f in I.watch_oti(ref.insp, ref.image, ref.caption, oti, every, k, ref.exclude, warm):
+        for f in I.watch_oti(ref.session, ref.ref, ref.caption, oti, every, k, ref.exclude, warm):
             rows = [{"step": i + 1, "loss": round(v, 5), "run": run} for run, vals in f.losses.items()
                     for i, v in enumerate(vals)]
             items = self.items(ref, f.hits)
@@ -137,25 +128,25 @@ class InspectorViews:
                         f.view.norm, summary, f.done, 1000 * (time.perf_counter() - start), I.token_digest(f.token))
 
     # ------------------------------------------------------------------------ 2. S* alone
-    def alone(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = 150,
+    def alone(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = DEFAULT_OTI_STEPS,
               k: int = 10, trained_only: bool = True) -> tuple[list[ResultItem], str, dict]:
         """The gallery's top-k for "a photo of S*" with no caption (ground truths of the query marked)."""
         ref = self.reference(key, reference, caption, trained_only, caption_required=False)
         token = self.token(ref, method, steps)
-        items = self.items(ref, I.rank(ref.insp, token, None, k, ref.exclude))
-        view = I.describe(ref.insp, token)
+        items = self.items(ref, I.rank(ref.session, token, None, k, ref.exclude))
+        view = I.describe(ref.session, token)
         summary = (f"**“a photo of S\\*”**, no caption · {method} · ‖S\\*‖ = {view.norm:.3f}" + self.gt_line(ref, items))
         return items, summary, {"hits": [it.id for it in items], "ground_truth": [it.id for it in items
                                                                                  if it.ground_truth], **view.as_dict()}
 
     # ---------------------------------------------------------------------- 3. phi vs OTI
-    def compare(self, key: str | None, reference: Any, caption: str | None, steps: int = 150, k: int = 10,
+    def compare(self, key: str | None, reference: Any, caption: str | None, steps: int = DEFAULT_OTI_STEPS, k: int = 10,
                 trained_only: bool = True) -> tuple[list[ResultItem], list[ResultItem], list[list], str, dict]:
         """phi's and OTI's S* side by side: rankings, nearest concepts and tokens, cosine, overlap@k."""
         ref = self.reference(key, reference, caption, trained_only)
-        if ref.loaded.service.phi is not None:
+        if ref.session.phi is not None:
             self.token(ref, "oti", steps)  # with a progress bar (then cached)
-        c = I.compare(ref.insp, ref.image, ref.caption, self.oti(ref, steps), k, ref.exclude)
+        c = I.compare(ref.session, ref.ref, ref.caption, self.oti(ref, steps), k, ref.exclude)
         phi_items, oti_items = self.items(ref, c.phi_hits), self.items(ref, c.oti_hits)
         table = [[i + 1, *_cell(c.phi.concepts, i), *_cell(c.oti.concepts, i), *_cell(c.phi.tokens, i),
                   *_cell(c.oti.tokens, i)] for i in range(10)]
@@ -168,7 +159,7 @@ class InspectorViews:
 
     # -------------------------------------------------------------------------- 4. blend
     def blend(self, key: str | None, reference: Any, second: Any, alpha: float, caption: str | None,
-              method: str = "phi", steps: int = 150, k: int = 10, trained_only: bool = True
+              method: str = "phi", steps: int = DEFAULT_OTI_STEPS, k: int = 10, trained_only: bool = True
               ) -> tuple[list[ResultItem], str, dict]:
         """The ranking of S* = (1-a) S*_A + a S*_B (norm interpolated), with the caption when there is one."""
         if second is None:
@@ -178,16 +169,16 @@ class InspectorViews:
         b = self.reference(key, second, None, trained_only, caption_required=False)
         ta, tb = self.token(a, method, steps), self.token(b, method, steps)
         mix = I.blend(ta, tb, alpha)
-        exclude = [i for i in (a.ref_id, b.ref_id) if i]
-        items = self.items(a, I.rank(a.insp, mix, a.caption, k, exclude), set())
-        view = I.describe(a.insp, mix, 3)
+        exclude = [*a.exclude, *b.exclude]
+        items = self.items(a, I.rank(a.session, mix, a.caption, k, exclude), set())
+        view = I.describe(a.session, mix, 3)
         summary = (f"**S\\* = {1 - alpha:.2f} · A + {alpha:.2f} · B** · ‖S\\*‖ = {view.norm:.3f} (A {float(ta.norm()):.3f}, "
                    f"B {float(tb.norm()):.3f}) · reads as **{', '.join(w for w, _ in view.tokens)}**")
         return items, summary, {"alpha": float(alpha), "hits": [it.id for it in items], **view.as_dict(),
                                 "elapsed_ms": round(1000 * (time.perf_counter() - start), 1)}
 
     # ------------------------------------------------------------------- 5. which words
-    def words(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = 150,
+    def words(self, key: str | None, reference: Any, caption: str | None, method: str = "phi", steps: int = DEFAULT_OTI_STEPS,
               k: int = 10, words: str | Sequence[str] | None = None, trained_only: bool = True
               ) -> tuple[list[dict], str, dict]:
         """Each caption word dropped (or the given words): change of the query, new rank of the top-1, overlap."""
@@ -195,7 +186,7 @@ class InspectorViews:
         token = self.token(ref, method, steps)
         chosen = [w for w in (words.replace(",", " ").split() if isinstance(words, str) else (words or ())) if w]
         start = time.perf_counter()
-        base, effects = I.word_effects(ref.insp, token, ref.caption, k, ref.exclude, chosen or None)
+        base, effects = I.word_effects(ref.session, token, ref.caption, k, ref.exclude, chosen or None)
         elapsed = 1000 * (time.perf_counter() - start)
         width = len(str(len(effects)))  # zero-padded positions: the plot orders its bars as text
         rows = [{"word": e.word if e.position is None else f"{e.position + 1:0{width}d}. {e.word}",
@@ -208,12 +199,12 @@ class InspectorViews:
         return rows, summary, {"top": [h.id for h in base], "effects": rows, "elapsed_ms": round(elapsed, 1)}
 
     # ---------------------------------------------------------------- 6. S* as a file
-    def export(self, key: str | None, reference: Any, method: str = "phi", steps: int = 150,
+    def export(self, key: str | None, reference: Any, method: str = "phi", steps: int = DEFAULT_OTI_STEPS,
                folder: str | Path | None = None) -> tuple[Path, dict]:
         """The reference's S* as a safetensors file (name: image hash + method), and its metadata."""
         ref = self.reference(key, reference, None, caption_required=False)
         token = self.token(ref, method, steps)
-        meta = {**I.token_metadata(ref.insp, ref.image, method, self.oti(ref, steps)), "digest": I.token_digest(token)}
+        meta = {**I.token_metadata(ref.session, ref.ref, method, self.oti(ref, steps)), "digest": I.token_digest(token)}
         folder = Path(folder or self.engine.thumbs.root / "pseudo-words")
         name = f"S-{method}{'-' + str(int(steps)) if method == 'oti' else ''}-{meta['image_hash'][:12]}.safetensors"
         return I.save_token(folder / name, token, meta), meta
@@ -222,17 +213,17 @@ class InspectorViews:
                      ) -> tuple[list[ResultItem], str, dict]:
         """A loaded S* as the reference: the ranking of "a photo of S* that {caption}" (S* alone without)."""
         if not path:
-            raise ValueError("no pseudo-word file: download one above, then upload it here")
+            raise BadRequest("no pseudo-word file: download one above, then upload it here")
         key = key or self.engine.default_key
-        loaded = self.engine.load(key)
-        word = I.load_token(path, loaded.backbone)
+        session = self.engine.load(key)
+        word = I.load_token(path, session.backbone)
         text = None
         if caption and caption.strip():
-            text = prepare_caption(loaded.backbone, caption, loaded.service.retriever.template).caption
-        ref = Reference(key, loaded, self.inspector(loaded), Image.new("RGB", (1, 1)), None, text)
-        items = self.items(ref, I.rank(ref.insp, word.token, text, k))
+            text = session.caption(caption, check_vocabulary=False).caption
+        ref = Request(key, session, Picture(Image.new("RGB", (1, 1)), ""), text)
+        items = self.items(ref, I.rank(ref.session, word.token, text, k))
         meta = word.metadata
-        shown = I.prompt(ref.insp, text).replace("$", "S\\*")
+        shown = I.prompt(ref.session, text).replace("$", "S\\*")
         summary = (f"S\\* from a file: {meta.get('method', '?')} on {meta.get('model', '?')}, image "
                    f"`{str(meta.get('image_hash', '?'))[:12]}` · “{shown}”")
         return items, summary, {"hits": [it.id for it in items], "metadata": meta}

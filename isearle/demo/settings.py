@@ -9,11 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from isearle.defaults import DEFAULTS
 from isearle.demo.examples import EXAMPLES_PATH
 from isearle.demo.galleries import GalleryEntry, hub_gallery_dir
-from isearle.precision import DEFAULT_PRECISION, PRECISION_HELP, parse_precision
+from isearle.precision import PRECISION_HELP, parse_precision
 
-DEFAULT_OTI_STEPS = 150
+DEFAULT_OTI_STEPS = DEFAULTS.demo_oti_steps
 
 
 @dataclass(frozen=True)
@@ -28,20 +29,20 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("--gallery", "ISEARLE_GALLERY", "gallery_index",
+    Setting("--gallery", "ISEARLE_GALLERY", DEFAULTS.gallery,
             "gallery index folder(s), comma-separated; each is a backbone choice (default: the offline world)"),
     Setting("--images", "ISEARLE_IMAGES", None, "image folder to index with --model at start-up (once: cached under --hub-cache)"),
     Setting("--hf-dataset", "ISEARLE_HF_DATASET", None, "Hugging Face dataset to index with --model at start-up (cached likewise)"),
     Setting("--hf-split", "ISEARLE_HF_SPLIT", "train", "dataset split for --hf-dataset"),
     Setting("--hf-limit", "ISEARLE_HF_LIMIT", None, "index only the first N images of the folder or dataset", int),
-    Setting("--hub-cache", "ISEARLE_HUB_CACHE", "gallery_index",
+    Setting("--hub-cache", "ISEARLE_HUB_CACHE", DEFAULTS.gallery,
             "where galleries built from --images / --hf-dataset are kept (on a Space: /data/... for persistence)"),
-    Setting("--model", "ISEARLE_MODEL", "ViT-B-32", "open_clip backbone for --images / --hf-dataset"),
-    Setting("--pretrained", "ISEARLE_PRETRAINED", "openai", "its pretrained tag or a local checkpoint"),
+    Setting("--model", "ISEARLE_MODEL", DEFAULTS.model, "open_clip backbone for --images / --hf-dataset"),
+    Setting("--pretrained", "ISEARLE_PRETRAINED", DEFAULTS.pretrained, "its pretrained tag or a local checkpoint"),
     Setting("--phi", "ISEARLE_PHI", None,
             "phi of the default backbone: searle, searle-xl or a checkpoint (default: the backbone's own)"),
     Setting("--device", "ISEARLE_DEVICE", None, "cuda or cpu (default: cuda when available)"),
-    Setting("--precision", "ISEARLE_PRECISION", DEFAULT_PRECISION, PRECISION_HELP, parse_precision),
+    Setting("--precision", "ISEARLE_PRECISION", DEFAULTS.precision, PRECISION_HELP, parse_precision),
     Setting("--host", "ISEARLE_HOST", None, "interface to listen on (default 127.0.0.1; Spaces set 0.0.0.0)"),
     Setting("--port", "ISEARLE_PORT", None, "port (default 7860, or the first free one after it)", int),
     Setting("--queue-size", "ISEARLE_QUEUE_SIZE", 64, "requests waiting at most; more are refused", int),
@@ -81,7 +82,7 @@ def entries_from_args(args: argparse.Namespace) -> list[GalleryEntry]:
     entries: list[GalleryEntry] = []
     galleries = [Path(g.strip()) for g in str(args.gallery or "").split(",") if g.strip()]
     if args.images or args.hf_dataset:
-        root = Path(getattr(args, "hub_cache", None) or "gallery_index")
+        root = Path(getattr(args, "hub_cache", None) or DEFAULTS.gallery)
         source = str(args.images or args.hf_dataset)
         entries.append(GalleryEntry(hub_gallery_dir(root, args.model, args.pretrained, source, args.hf_limit),
                                     model=args.model, pretrained=args.pretrained, phi=args.phi,

@@ -1,8 +1,8 @@
-"""The pseudo-word inspector: what S* captured, how OTI found it, and which part of a query mattered.
+"""The pseudo-word views: what S* captured, how OTI found it, and which part of a query mattered.
 
-One set of computations behind the demo's inspector views and `isearle inspect` (so the two show
-the same numbers): a description of S* (norm, nearest vocabulary tokens, nearest concepts of
-"a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
+One set of computations over a `service.Session`, behind the demo's explanation panel, its
+inspector views and `isearle inspect` (so all show the same numbers): a description of S* (norm,
+nearest vocabulary tokens, nearest concepts of "a photo of S*"), its rankings with and without a caption, OTI watched step by step (the same
 generator a plain run consumes, `oti.invert_steps`), phi against OTI, the blend of two
 pseudo-words, each caption word's effect, and S* saved to / loaded from safetensors.
 """
@@ -25,41 +25,19 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from isearle.artifacts import atomic_path
-from isearle.backbone import Backbone
-from isearle.concepts import ConceptBank
+from isearle.backbone import Backbone, encode_tokens
+from isearle.errors import BadRequest
 from isearle.oti import OTIConfig, token_norm
-from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template
-from isearle.retrieval import Hit, Retriever, image_key
-from isearle.service import Service
+from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt
+from isearle.reference import Reference, image_key
+from isearle.retrieval import Hit
+from isearle.service import Session
+from isearle.templates import ALONE_TEMPLATE
 
-#: The prompt of S* alone: what the inversion captured of the reference, without any caption.
-ALONE_TEMPLATE = "a photo of $"
 #: Names of the two loss curves of a watched OTI run.
 WARM_CURVE, COLD_CURVE = "from phi (warm start)", "from noise N(0, 0.02)"
 #: Format tag of a saved pseudo-word file.
 TOKEN_FORMAT = "isearle-pseudo-word/1"
-
-
-@dataclass
-class Inspector:
-    """What the views need of one backbone: its query service, token table, concept bank.
-
-    `table` is a `TokenTable` (nearest rows of the token-embedding table); `allowed` restricts it
-    to the token ids a small model was trained on (None: the whole vocabulary).
-    """
-
-    service: Service
-    table: Any
-    bank: ConceptBank
-    allowed: frozenset[int] | None = None
-
-    @property
-    def backbone(self) -> Backbone:
-        return self.service.backbone
-
-    @property
-    def retriever(self) -> Retriever:
-        return self.service.retriever
 
 
 # ------------------------------------------------------------------------------ describing S*
@@ -84,28 +62,48 @@ def token_features(backbone: Backbone, token: torch.Tensor, prompts: Sequence[st
     return F.normalize(encode_with_pseudo_tokens(backbone, list(prompts), token.to(backbone.device)), dim=-1)
 
 
-def prompt(insp: Inspector, caption: str | None) -> str:
+def prompt(insp: Session, caption: str | None) -> str:
     """The query prompt of a caption ("a photo of $ that {caption}"), or S* alone for None / ""."""
     return fill_template(insp.retriever.template, caption) if caption else ALONE_TEMPLATE
 
 
-def nearest_concepts(insp: Inspector, token: torch.Tensor, k: int = 10) -> list[tuple[str, float]]:
-    """The k concepts whose prompt-ensembled features are closest to "a photo of S*" (cosine)."""
-    feat = token_features(insp.backbone, token, [ALONE_TEMPLATE])[0].float().cpu()
+def nearest_concepts(insp: Session, token: torch.Tensor, k: int = 10, feature: torch.Tensor | None = None
+                     ) -> list[tuple[str, float]]:
+    """The k concepts whose prompt-ensembled features are closest to "a photo of S*" (cosine);
+    `feature`: that prompt's normalised feature when already computed."""
+    feat = (token_features(insp.backbone, token, [ALONE_TEMPLATE])[0] if feature is None else feature).float().cpu()
     sims = insp.bank.features.float() @ feat
     top = sims.topk(min(k, len(insp.bank.names)))
     return [(insp.bank.names[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
 
 
-def describe(insp: Inspector, token: torch.Tensor, k: int = 10) -> TokenView:
-    """Norm, nearest vocabulary tokens and nearest concepts of one pseudo-token."""
+def describe(insp: Session, token: torch.Tensor, k: int = 10, trained_only: bool | None = None,
+             alone: torch.Tensor | None = None) -> TokenView:
+    """Norm, nearest vocabulary tokens (the trained ones of a small model unless not `trained_only`;
+    None: the session's choice) and nearest concepts of one pseudo-token (`alone`: the normalised
+    feature of "a photo of S*" when already computed)."""
     norm = float(token.float().norm())
-    return TokenView(norm, norm / token_norm(insp.backbone), insp.table.nearest(token, k, insp.allowed),
-                     nearest_concepts(insp, token, k))
+    return TokenView(norm, norm / token_norm(insp.backbone), insp.table.nearest(token, k, insp.allowed(trained_only)),
+                     nearest_concepts(insp, token, k, alone))
+
+
+@torch.inference_mode()
+def describe_with_caption(insp: Session, token: torch.Tensor, caption: str, k: int = 10,
+                          trained_only: bool | None = None) -> TokenView:
+    """`describe`, with the caption's own feature (the text-only query) computed in the same text
+    pass as "a photo of S*" and left in the query path's cache: at batch 1 a pass costs what
+    reading the weights costs, so two rows cost about one."""
+    retriever, backbone = insp.retriever, insp.backbone
+    if retriever.texts.get(caption) is not None or retriever.query_backbone is not backbone:
+        return describe(insp, token, k, trained_only)
+    tokens = backbone.tokenize([normalize_prompt(ALONE_TEMPLATE), caption])
+    feats = F.normalize(encode_tokens(backbone, tokens, token.to(backbone.device)).float(), dim=-1)
+    retriever.texts.put(caption, feats[1])
+    return describe(insp, token, k, trained_only, feats[0])
 
 
 # ---------------------------------------------------------------------------------- rankings
-def rank_features(insp: Inspector, features: torch.Tensor, k: int, exclude: Sequence[str] = ()
+def rank_features(insp: Session, features: torch.Tensor, k: int, exclude: Sequence[str] = ()
                   ) -> list[list[Hit]]:
     """Top-k gallery hits of each query row (one batched FAISS search)."""
     index = insp.retriever.index
@@ -113,7 +111,7 @@ def rank_features(insp: Inspector, features: torch.Tensor, k: int, exclude: Sequ
     return [[Hit(r + 1, i, float(s), index.metadata.get(i, {})) for r, (i, s) in enumerate(row)] for row in rows]
 
 
-def rank(insp: Inspector, token: torch.Tensor, caption: str | None, k: int = 10,
+def rank(insp: Session, token: torch.Tensor, caption: str | None, k: int = 10,
          exclude: Sequence[str] = ()) -> list[Hit]:
     """The gallery's top-k for "a photo of S* that {caption}" (S* alone for no caption)."""
     # the query path's backbone (bf16 copy under --precision bf16/auto): ranks exactly as a search does
@@ -145,7 +143,7 @@ class OTIFrame:
         return self.step == self.steps
 
 
-def watch_oti(insp: Inspector, image: Image.Image, caption: str | None, oti: OTIConfig, every: int = 10,
+def watch_oti(insp: Session, image: Reference | Image.Image, caption: str | None, oti: OTIConfig, every: int = 10,
               k: int = 5, exclude: Sequence[str] = (), warm: bool = True) -> Iterator[OTIFrame]:
     """OTI of one image, a frame every `every` steps (and at step 0 and the last step).
 
@@ -186,7 +184,7 @@ class Comparison:
     overlap: float
 
 
-def pseudo_tokens(insp: Inspector, image: Image.Image, methods: Sequence[str], oti: OTIConfig,
+def pseudo_tokens(insp: Session, image: Reference | Image.Image, methods: Sequence[str], oti: OTIConfig,
                   warm: bool = True) -> dict[str, torch.Tensor]:
     """S* of an image per method ("phi", "oti"), through the query path's cache.
 
@@ -206,11 +204,11 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(F.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
 
 
-def compare(insp: Inspector, image: Image.Image, caption: str | None, oti: OTIConfig, k: int = 10,
+def compare(insp: Session, image: Reference | Image.Image, caption: str | None, oti: OTIConfig, k: int = 10,
             exclude: Sequence[str] = ()) -> Comparison:
     """phi against OTI for one reference: cosine, descriptions, rankings and their overlap@k."""
     if insp.retriever.phi is None:
-        raise ValueError("no phi network is loaded for this backbone: phi and OTI cannot be compared")
+        raise BadRequest("no phi network is loaded for this backbone: phi and OTI cannot be compared")
     tokens = pseudo_tokens(insp, image, ("phi", "oti"), oti)
     hits = {m: rank(insp, t, caption, k, exclude) for m, t in tokens.items()}
     return Comparison(cosine(tokens["phi"], tokens["oti"]), describe(insp, tokens["phi"]),
@@ -227,7 +225,7 @@ def blend(a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
     """
     alpha = float(alpha)
     if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"the blend weight must be in [0, 1], not {alpha}")
+        raise BadRequest(f"the blend weight must be in [0, 1], not {alpha}")
     if alpha == 0.0:
         return a.clone()
     if alpha == 1.0:
@@ -261,7 +259,7 @@ def drop_word(caption: str, word: str) -> str:
     return " ".join(kept)
 
 
-def word_effects(insp: Inspector, token: torch.Tensor, caption: str, k: int = 10, exclude: Sequence[str] = (),
+def word_effects(insp: Session, token: torch.Tensor, caption: str, k: int = 10, exclude: Sequence[str] = (),
                  words: Sequence[str] | None = None, depth: int = 100) -> tuple[list[Hit], list[WordEffect]]:
     """(the query's top-k, each word's effect): caption words one at a time, or the given `words`.
 
@@ -271,7 +269,7 @@ def word_effects(insp: Inspector, token: torch.Tensor, caption: str, k: int = 10
     """
     caption = " ".join(caption.split())
     if not caption:
-        raise ValueError('the caption is empty: describe the change, e.g. "is blue instead"')
+        raise BadRequest('the caption is empty: describe the change, e.g. "is blue instead"')
     parts = caption.split()
     if words:
         variants = [(w, None, drop_word(caption, w)) for w in words]
@@ -299,16 +297,23 @@ class PseudoWord:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def token_metadata(insp: Inspector, image: Image.Image, method: str, oti: OTIConfig) -> dict[str, Any]:
+def token_metadata(insp: Session, image: Reference | Image.Image, method: str, oti: OTIConfig) -> dict[str, Any]:
     """What made an image's S*: backbone, method, its settings (OTI config or phi) and the image hash."""
     b = insp.backbone
-    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": insp.service.phi_name}
+    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": insp.phi_name}
     if method == "oti":
         settings["templates"] = len(oti.templates)
         settings["warm_start"] = "phi" if insp.retriever.phi is not None else None
-        settings["phi"] = insp.service.phi_name
+        settings["phi"] = insp.phi_name
     return {"model": b.name, "pretrained": str(b.pretrained), "method": method, "token_width": b.token_width,
-            "image_hash": image_key(image), "settings": settings}
+            "image_hash": image_hash(image), "settings": settings}
+
+
+def image_hash(image: Reference | Image.Image) -> str:
+    """The content hash of a reference's pixels (a gallery item's too, whose cache key is its id)."""
+    if isinstance(image, Reference) and image.item_id is None:
+        return image.key
+    return image_key(image.image if isinstance(image, Reference) else image)
 
 
 def token_digest(token: torch.Tensor) -> str:
@@ -333,8 +338,8 @@ def load_token(path: str | Path, backbone: Backbone | None = None) -> PseudoWord
             raw = f.metadata() or {}
             token = f.get_tensor("pseudo_word")
     except Exception as err:  # safetensors raises several types for a damaged or foreign file
-        raise ValueError(f"{path.name} is not a pseudo-word file ({type(err).__name__}): "
-                         "download one from the inspector or save one with isearle.inspect.save_token") from None
+        raise BadRequest(f"{path.name} is not a pseudo-word file ({type(err).__name__}): "
+                         "download one from the inspector or save one with isearle.explain.save_token") from None
     meta: dict[str, Any] = {}
     for key, value in raw.items():
         try:
@@ -342,11 +347,11 @@ def load_token(path: str | Path, backbone: Backbone | None = None) -> PseudoWord
         except ValueError:
             meta[key] = value
     if token.dim() != 1:
-        raise ValueError(f"{path.name} holds a tensor of shape {tuple(token.shape)}, not one pseudo-word")
+        raise BadRequest(f"{path.name} holds a tensor of shape {tuple(token.shape)}, not one pseudo-word")
     if backbone is not None:
         made_for = (meta.get("model"), meta.get("pretrained"))
         if made_for != (backbone.name, str(backbone.pretrained)) or token.shape[0] != backbone.token_width:
-            raise ValueError(f"{path.name} was made for {made_for[0]}/{made_for[1]} (width {token.shape[0]}), "
+            raise BadRequest(f"{path.name} was made for {made_for[0]}/{made_for[1]} (width {token.shape[0]}), "
                              f"not {backbone.name}/{backbone.pretrained}: choose that backbone")
     return PseudoWord(token, meta)
 
@@ -367,25 +372,23 @@ class ImageRecord:
                 **{m: v.as_dict() for m, v in self.views.items()}}
 
 
-def inspect_images(insp: Inspector, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
+def inspect_images(insp: Session, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
                    k: int = 10, warm: bool = True, thumbnail: int = 96, progress: bool = True) -> list[ImageRecord]:
     """Each image's S* by each method (OTI warm-started from phi unless not `warm`), described."""
-    from isearle.images import open_image
-
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in ("phi", "oti")]
     if bad or not methods:
-        raise ValueError(f"unknown method {bad[0] if bad else None!r}: use phi, oti or both")
+        raise BadRequest(f"unknown method {bad[0] if bad else None!r}: use phi, oti or both")
     if "phi" in methods and insp.retriever.phi is None:
-        raise ValueError("no phi network for this backbone: pass --phi, or inspect with --method oti")
+        raise BadRequest("no phi network for this backbone: pass --phi, or inspect with --method oti")
     records = []
     for path in tqdm(list(paths), desc="inspect", disable=not progress):
-        image = open_image(path)
-        tokens = pseudo_tokens(insp, image, methods, oti, warm)
-        thumb = image.copy()
+        ref = insp.reference(path)
+        tokens = pseudo_tokens(insp, ref, methods, oti, warm)
+        thumb = ref.image.copy()
         thumb.thumbnail((thumbnail, thumbnail))
         cos = cosine(tokens["phi"], tokens["oti"]) if len(tokens) == 2 else None
-        records.append(ImageRecord(str(path), image_key(image), {m: describe(insp, t, k) for m, t in tokens.items()},
+        records.append(ImageRecord(str(path), ref.key, {m: describe(insp, t, k) for m, t in tokens.items()},
                                    cos, thumb))
     return records
 
