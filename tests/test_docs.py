@@ -293,7 +293,7 @@ def test_performance_results_are_generated_not_typed():
     assert '--8<-- "performance-results.md"' in (DOCS / "performance.md").read_text()
 
 
-PROCESS_WORDS = re.compile(r"\b(today|issue'?s?|session|lent|previous run|before this)\b", re.I)
+PROCESS_WORDS = re.compile(r"\b(today|issue'?s?|lent|this session|previous session|previous run|before this)\b", re.I)
 ALLOWED = re.compile(r"ONNX Runtime session|scope=\"session\"", re.I)
 
 
