@@ -15,23 +15,36 @@ except ImportError:
     spaces = None
 
 import argparse
+import collections
 import contextlib
 import functools
 import inspect
 import logging
 import sys
+import threading
 import time
+from pathlib import Path
 
 import gradio as gr
 
-from app_inspector import add_inspector
+from app_inspector import add_inspector, heading, pass_file_through, result_gallery
 from isearle import demo as D
 from isearle.demo import IsearleError, set_threads
 from isearle.demo.inspector import InspectorViews
 
 log = logging.getLogger("isearle.app")
 EXPECTED = (IsearleError,)  # every one-line user error (isearle.errors)
-CSS = ".isearle-results .caption-label {font-variant-numeric: tabular-nums}"
+CSS_PATH = D.ASSETS_DIR / "app.css"  # nothing covers a thumbnail; presentation mode
+#: presentation mode on the body (CSS `body.isearle-present`), from the toggle or the page's URL
+PRESENT_JS = "(on) => { document.body.classList.toggle('isearle-present', !!on); }"
+PRESENT_FROM_URL_JS = ("() => { if (/[?&]present=(1|true|yes|on)\\b/.test(location.search)) "
+                       "document.body.classList.add('isearle-present'); }")
+
+
+#: the panel while the results follow the typing: S* and the picture-only row do not depend on the
+#: caption; the words-only row does, and is brought up to date by Enter or Search
+STALE_PANEL = ("*The made-up word S\\* and the picture-only row are the reference's; the words-only row is for "
+               "the last searched caption: press Enter or Search to update it.*")
 
 
 def gpu(duration: int):
@@ -39,19 +52,51 @@ def gpu(duration: int):
     return spaces.GPU(duration=duration) if spaces is not None else (lambda fn: fn)
 
 
+class LastErrors:
+    """The last one-line error of each open page (keyed by Gradio's hash of it): the page's message line
+    shows it after a failed request (a toast fades; in presentation mode toasts are hidden)."""
+
+    def __init__(self, size: int = 1024) -> None:
+        self.size, self._by_page = size, collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def put(self, request: gr.Request | None, message: str) -> None:
+        key = getattr(request, "session_hash", None)
+        if key:
+            with self._lock:
+                self._by_page[key] = message
+                while len(self._by_page) > self.size:
+                    self._by_page.popitem(last=False)
+
+    def pop(self, request: gr.Request | None) -> str:
+        with self._lock:
+            return self._by_page.pop(getattr(request, "session_hash", None), "") or "the request failed"
+
+
+ERRORS = LastErrors()
+
+
 @contextlib.contextmanager
-def one_line_errors():
-    """Expected failures become one-line gr.Error messages; anything else a generic one (logged)."""
+def one_line_errors(request: gr.Request | None = None):
+    """Expected failures become one-line gr.Error messages; anything else a generic one (logged).
+    The message is also kept for the page's message line (`LastErrors`)."""
     try:
         yield
-    except gr.Error:
+    except gr.Error as err:
+        ERRORS.put(request, str(err.message))
         raise
     except EXPECTED as err:
+        ERRORS.put(request, str(err))
         raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:
         log.exception("request failed")
-        raise gr.Error(f"internal error ({type(err).__name__}): please try again or use another input",
-                       print_exception=False) from None
+        message = f"internal error ({type(err).__name__}): please try again or use another input"
+        ERRORS.put(request, message)
+        raise gr.Error(message, print_exception=False) from None
+
+
+def _request(args: tuple, kwargs: dict) -> gr.Request | None:
+    return next((a for a in (*args, *kwargs.values()) if isinstance(a, gr.Request)), None)
 
 
 def guarded(fn):
@@ -59,75 +104,103 @@ def guarded(fn):
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def stream(*args, **kwargs):
-            with one_line_errors():
+            with one_line_errors(_request(args, kwargs)):
                 yield from fn(*args, **kwargs)
 
         return stream
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with one_line_errors():
+        with one_line_errors(_request(args, kwargs)):
             return fn(*args, **kwargs)
 
     return wrapper
 
 
-def pass_file_through(image: gr.Image) -> gr.Image:
-    """Hand uploads to the handler unopened: `isearle.images` checks them and says what is wrong.
-
-    gr.Image would open the file with PIL first and fail with a generic error. (An instance override,
-    not a subclass: Gradio writes a .pyi stub next to any module that subclasses a component.)
-    """
-    original = image.preprocess
-
-    def preprocess(payload):
-        if payload is not None and payload.path:
-            return str(payload.path)
-        return original(payload)
-
-    image.preprocess = preprocess
-    return image
-
-
 def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
     """The Blocks layout and its events."""
     default = engine.load()
-    has_phi = default.service.phi is not None
+    info = engine.info()
+    has_phi = default.phi is not None
     methods = [(D.METHOD_LABELS["phi"], "phi"), (D.METHOD_LABELS["oti"], "oti")] if has_phi else \
         [(D.METHOD_LABELS["oti"], "oti")]
     choices = [(engine.label(key), key) for key in engine.entries]
     examples = engine.example_paths()  # (image, caption, label): benchmark references, else gallery items
+    start_line = " · ".join([*engine.notices, "Pick an example above, or upload a picture, then write a change."])
 
     def gallery(items):
         return [(it.image, it.caption) for it in items]
 
+    def run_search(reference, caption, k, method, steps, backbone, present):
+        result = engine.search(backbone, reference, caption, k, method, steps, progress=method == "oti")
+        shared = D.SharedQuery(result.reference_id, D.clean_caption(caption), method, int(k), int(steps), backbone,
+                               bool(present))
+        link = (f"[Link to this query]({D.share_link(shared)}) · reopens this reference, caption and settings"
+                if result.reference_id else "An uploaded picture cannot travel in a link: pick an example or a "
+                "result to share a query.")
+        truth = result.truth_gallery()
+        truth_title = ("**The benchmark's answers** (ground truth) and where the search ranks them"
+                       if result.gt_ids else "")
+        return (gallery(result.items), result.summary(), result.as_json(), gr.Gallery(truth, visible=bool(truth)),
+                truth_title, result.truth_json(), link, [it.id for it in result.items],
+                [reference, method, int(steps), backbone], shared.__dict__), result.notes
+
     @gpu(60)
     @guarded
-    def search(reference, caption, k, method, steps, backbone, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio idiom)
-        result = engine.search(backbone, reference, caption, k, method, steps, progress=method == "oti")
-        for note in result.notes:
+    def search(reference, caption, k, method, steps, backbone, present=False, request: gr.Request = None,
+               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio idiom)
+        out, notes = run_search(reference, caption, k, method, steps, backbone, present)
+        for note in notes:  # also in the status line, which stays
             gr.Warning(note)
-        return gallery(result.items), result.summary(), result.as_json(), [it.id for it in result.items]
+        return out
+
+    def live_search(reference, caption, k, method, steps, backbone, present, searched, panel_text):
+        """While typing: the results follow the caption when the reference (and its S*) is cached; the
+        panel is marked as the last searched caption's only when the results did change (a skipped
+        keystroke leaves the panel alone, so it cannot overwrite an explanation that is on its way)."""
+        skipped = [gr.skip()] * 11
+        if not reference or searched != [reference, method, int(steps), backbone] or not D.clean_caption(caption):
+            return skipped
+        try:
+            return [*run_search(reference, caption, k, method, steps, backbone, present)[0], mark_stale(panel_text)]
+        except IsearleError:
+            return skipped  # a half-typed caption: the Search button gives the message
 
     @gpu(30)
     @guarded
-    def explain(reference, caption, method, steps, backbone, trained_only):
+    def explain(reference, caption, method, steps, backbone, trained_only, request: gr.Request = None):
         ex = engine.explain(backbone, reference, caption, method, steps, k=6, trained_only=trained_only)
-        return (ex.tokens_chart, ex.concepts_chart, gallery(ex.image_only), gallery(ex.text_only), ex.summary,
+        return (gr.Image(ex.tokens_chart, visible=True), gr.Image(ex.concepts_chart, visible=ex.concepts_chart is not None),
+                gallery(ex.image_only), gallery(ex.text_only), ex.summary,
                 [it.id for it in ex.image_only], [it.id for it in ex.text_only])
+
+    def mark_stale(text):
+        text = (text or "").split(STALE_PANEL)[-1].strip()
+        return f"{STALE_PANEL}  \n{text}"
 
     def refresh_panel(reference, caption, method, steps, backbone, trained_only):
         if not reference or not D.clean_caption(caption):
             return [gr.skip()] * 7
         return explain(reference, caption, method, steps, backbone, trained_only)
 
+    def search_failed(request: gr.Request):
+        """After a failed search nothing of the previous query stays on screen."""
+        message = ERRORS.pop(request)
+        return (f"**Error:** {message}  \nNothing is shown below until a search succeeds.", [], None,
+                gr.Gallery([], visible=False), "", None, "", [], None, {},
+                gr.Image(None, visible=False), gr.Image(None, visible=False), [], [], "", [], [])
+
+    def explain_failed(request: gr.Request):
+        message = ERRORS.pop(request)
+        return (gr.Image(None, visible=False), gr.Image(None, visible=False), [], [],
+                f"**The explanation failed:** {message}", [], [])
+
     @guarded
     def use_as_reference(backbone, ids, evt: gr.SelectData):
         if not ids or evt.index is None or evt.index >= len(ids):
             raise gr.Error("that result is no longer shown: search again")
         path, _ = engine.reference_image(backbone, ids[evt.index])
-        gr.Info(f"gallery item {ids[evt.index]} is the new reference: type a caption and search")
-        return path
+        return path, f"Gallery item `{ids[evt.index]}` is the new reference: write a change and search."
 
     def pick_example(index):
         path, text, _ = examples[index]
@@ -137,84 +210,134 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
     def choose_backbone(backbone, progress=gr.Progress()):  # noqa: B008 (Gradio idiom)
         if not engine.is_loaded(backbone):
             progress(0.1, desc="loading the backbone and its gallery")
-        loaded = engine.load(backbone)
-        phi = loaded.service.phi is not None
+        session = engine.load(backbone)
+        phi = session.phi is not None
         opts = [(D.METHOD_LABELS["phi"], "phi"), (D.METHOD_LABELS["oti"], "oti")] if phi else \
             [(D.METHOD_LABELS["oti"], "oti")]
-        return (gr.Radio(choices=opts, value="phi" if phi else "oti"),
-                gr.Checkbox(visible=loaded.trained is not None),
-                f"Backbone: **{engine.label(backbone)}** · phi: {loaded.service.phi_name or 'none (use OTI)'}")
+        return (gr.Radio(choices=opts, value="phi" if phi else "oti"), gr.Checkbox(visible=session.trained is not None),
+                backbone_line(backbone))
 
-    with gr.Blocks(title="isearle: composed image retrieval") as demo:
-        gr.Markdown(
-            "# isearle — zero-shot composed image retrieval\n"
-            "Give a **reference image** and a **relative caption**. The image is inverted into a pseudo-word "
-            "**S\\*** (by the network *phi*, or by optimisation *OTI*), and “a photo of S\\* that ⟨caption⟩” "
-            "is searched with CLIP's text encoder (iSEARLE / SEARLE). Click any result to use it as the "
-            "next reference and chain edits.")
+    def backbone_line(key):
+        session = engine.load(key) if engine.is_loaded(key) else None
+        phi = getattr(session, "phi_name", None)
+        return f"**Model:** {engine.label(key)}" + (f" · phi: {Path(str(phi)).stem}" if phi else "")
+
+    @guarded
+    def restore(request: gr.Request):
+        """A shared link's query, restored: reference (a gallery item), caption, method and settings."""
+        q = D.read_query(dict(request.query_params) if request is not None else {})
+        key = q.backbone if q.backbone in engine.entries else engine.default_key
+        path = engine.reference_image(key, q.ref)[0] if q.ref else gr.skip()
+        return (path, q.caption or gr.skip(), q.method or gr.skip(), q.k or gr.skip(), q.steps or gr.skip(),
+                key if q.backbone in engine.entries else gr.skip(), q.present or gr.skip(), bool(q.ref and q.caption))
+
+    def search_if_linked(linked, reference, caption, k, method, steps, backbone, present):
+        if not linked:
+            return [gr.skip()] * 10
+        return search(reference, caption, k, method, steps, backbone, present)
+
+    def reshare(shared, present):
+        if not shared or not shared.get("ref"):
+            return gr.skip()
+        q = D.SharedQuery(**{**shared, "present": bool(present)})
+        return f"[Link to this query]({D.share_link(q)}) · reopens this reference, caption and settings"
+
+    with gr.Blocks(title="isearle: find pictures from an example and a change in words") as demo:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=6):
+                gr.Markdown(D.intro(info["gallery_size"], info["benchmark"], info["label"]), elem_id="intro")
+            with gr.Column(scale=1, min_width=200):
+                present = gr.Checkbox(False, label="Presentation mode", elem_id="present",
+                                      info="large pictures, messages stay on screen")
+        with gr.Accordion("How it works", open=False, elem_id="how"):
+            gr.Markdown(D.GLOSSARY)
         ids_results, ids_image, ids_text = gr.State([]), gr.State([]), gr.State([])
+        searched, shared, linked = gr.State(None), gr.State({}), gr.State(False)
+        heading("**Examples** · click a reference picture: its change comes with it", visible=bool(examples))
         example_set = gr.Dataset(components=["image"], samples=[[path] for path, _, _ in examples], type="index",
                                  layout="gallery", samples_per_page=12, visible=bool(examples), elem_id="examples",
-                                 label="Examples · click a reference: its caption comes with it "
-                                       "(ShapesCIR val: ground truths get ✓)")
+                                 show_label=False)
         with gr.Row():
             with gr.Column(scale=2, min_width=300):
+                heading("**Reference picture**")
                 reference = pass_file_through(gr.Image(
-                    label="Reference image", type="filepath", format="png", height=260,
+                    label="Reference picture", show_label=False, type="filepath", format="png", height=260,
                     sources=["upload", "clipboard"], elem_id="reference"))
-                caption = gr.Textbox(label="Relative caption", placeholder="e.g. is blue instead", lines=1,
-                                     max_length=D.MAX_CAPTION_CHARS, elem_id="caption")
+                caption = gr.Textbox(label="The change, in words", placeholder="e.g. is blue instead", lines=1,
+                                     max_length=D.MAX_CAPTION_CHARS, elem_id="caption",
+                                     info="results follow as you type, once a picture was searched")
                 run = gr.Button("Search", variant="primary", elem_id="search")
-                gr.Examples([[c] for c in engine.captions()], inputs=[caption], label="Example captions")
-                with gr.Accordion("Settings", open=True):
-                    backbone = gr.Dropdown(choices=choices, value=engine.default_key, label="Backbone",
-                                           interactive=len(choices) > 1)
-                    method = gr.Radio(methods, value="phi" if has_phi else "oti", label="Method")
-                    steps = gr.Slider(10, 600, value=args.oti_steps, step=10, label="OTI steps", elem_id="oti-steps")
-                    top_k = gr.Slider(1, 50, value=10, step=1, label="Top K")
+                with gr.Column(elem_classes=["isearle-detail"]):
+                    gr.Examples([[c] for c in engine.captions()], inputs=[caption], label="Example changes")
+                with gr.Accordion("Settings", open=True, elem_id="settings"):
+                    backbone_md = gr.Markdown(backbone_line(engine.default_key), elem_id="backbone-label")
+                    backbone = gr.Dropdown(choices=choices, value=engine.default_key, label="Model and gallery",
+                                           interactive=len(choices) > 1, visible=len(choices) > 1)
+                    method = gr.Radio(methods, value="phi" if has_phi else "oti", label="How S* is made")
+                    steps = gr.Slider(*D.STEPS_RANGE, value=args.oti_steps, step=10, label="OTI steps",
+                                      elem_id="oti-steps")
+                    top_k = gr.Slider(*D.TOP_K_RANGE, value=10, step=1, label="How many results", elem_id="top-k")
             with gr.Column(scale=5):
-                status = gr.Markdown(" · ".join([*engine.notices, "Pick an example above or upload a reference image."]),
-                                     label="status", elem_id="status")
-                results = gr.Gallery(label="Results · click one to use it as the reference", columns=5,
-                                     height="auto", allow_preview=False, object_fit="contain",
-                                     elem_id="results", elem_classes=["isearle-results"])
-                with gr.Accordion("Raw results (JSON)", open=False):
+                status = gr.Markdown(start_line, elem_id="status")
+                share = gr.Markdown("", elem_id="share")
+                heading("**Results**, best first · click one to use it as the next reference")
+                results = result_gallery("results")
+                truth_title = heading("", elem_id="truth-title")
+                truth = result_gallery("truth", visible=False)
+                with gr.Accordion("Raw results (JSON)", open=False, elem_classes=["isearle-detail"]):
                     raw = gr.JSON(label="hits")
-        gr.Markdown("## Inside the query: the pseudo-word S\\*")
+                    raw_truth = gr.JSON(label="ground truth ranks")
+        gr.Markdown("## Inside the query: the made-up word S\\*")
         with gr.Row():
-            tokens_chart = gr.Image(label="Nearest vocabulary tokens of S*", show_label=False, type="pil",
-                                    format="png", interactive=False, elem_id="tokens-chart")
-            concepts_chart = gr.Image(label="Nearest concepts", show_label=False, type="pil", format="png",
-                                      interactive=False, elem_id="concepts-chart")
+            tokens_chart = gr.Image(show_label=False, type="pil", format="png", interactive=False, visible=False,
+                                    buttons=[], elem_id="tokens-chart")
+            concepts_chart = gr.Image(show_label=False, type="pil", format="png", interactive=False, visible=False,
+                                      buttons=[], elem_id="concepts-chart")
         with gr.Row():
-            trained_only = gr.Checkbox(value=True, label="only tokens the model was trained on",
-                                       info="a small model's untouched embedding rows crowd the list otherwise",
+            trained_only = gr.Checkbox(value=True, label="only words the model was trained on",
+                                       info="a small model's unused vocabulary crowds the list otherwise",
                                        visible=default.trained is not None)
-            panel = gr.Markdown(label="summary", elem_id="panel")
-        gr.Markdown("### Why composition matters: one modality alone")
+            panel = gr.Markdown("The charts appear after a search.", elem_id="panel")
+        gr.Markdown("### Why both the picture and the words matter")
         with gr.Row():
-            image_only = gr.Gallery(label="Image only (the reference's nearest images)", columns=3, height="auto", object_fit="contain",
-                                    allow_preview=False, elem_id="image-only")
-            text_only = gr.Gallery(label="Text only (the caption alone)", columns=3, height="auto", object_fit="contain",
-                                   allow_preview=False, elem_id="text-only")
+            with gr.Column():
+                heading("**Picture only**: the reference's nearest pictures")
+                image_only = result_gallery("image-only", columns=3)
+            with gr.Column():
+                heading("**Words only**: the change alone")
+                text_only = result_gallery("text-only", columns=3)
 
-        add_inspector(InspectorViews(engine), {"reference": reference, "caption": caption, "method": method,
-                                               "steps": steps, "top_k": top_k, "backbone": backbone,
-                                               "trained_only": trained_only}, examples, guarded, gallery, gpu)
+        with gr.Column(elem_classes=["isearle-detail"]):
+            add_inspector(InspectorViews(engine), {"reference": reference, "caption": caption, "method": method,
+                                                   "steps": steps, "top_k": top_k, "backbone": backbone,
+                                                   "trained_only": trained_only}, examples, guarded, gallery, gpu)
 
-        query_inputs = [reference, caption, top_k, method, steps, backbone]
+        query_inputs = [reference, caption, top_k, method, steps, backbone, present]
+        query_outputs = [results, status, raw, truth, truth_title, raw_truth, share, ids_results, searched, shared]
         panel_inputs = [reference, caption, method, steps, backbone, trained_only]
         panel_outputs = [tokens_chart, concepts_chart, image_only, text_only, panel, ids_image, ids_text]
-        gr.on([run.click, caption.submit], search, query_inputs, [results, status, raw, ids_results],
-              api_name="search").success(explain, panel_inputs, panel_outputs, api_name="explain")
+        cleared = [status, results, raw, truth, truth_title, raw_truth, share, ids_results, searched, shared,
+                   *panel_outputs]
+        query = gr.on([run.click, caption.submit], search, query_inputs, query_outputs, api_name="search")
+        query.success(explain, panel_inputs, panel_outputs, api_name="explain").failure(
+            explain_failed, None, panel_outputs, api_name=False)
+        query.failure(search_failed, None, cleared, api_name=False)
+        caption.input(live_search, [*query_inputs, searched, panel], [*query_outputs, panel], api_name=False,
+                      show_progress="hidden", trigger_mode="always_last")
         trained_only.change(refresh_panel, panel_inputs, panel_outputs, api_name=False)
         for shown, ids in ((results, ids_results), (image_only, ids_image), (text_only, ids_text)):
-            shown.select(use_as_reference, [backbone, ids], [reference], api_name=False)
+            shown.select(use_as_reference, [backbone, ids], [reference, status], api_name=False)
         example_set.click(pick_example, [example_set], [reference, caption], api_name=False)
-        backbone.change(choose_backbone, [backbone], [method, trained_only, status], api_name=False)
+        backbone.change(choose_backbone, [backbone], [method, trained_only, backbone_md], api_name=False)
+        present.change(None, [present], None, js=PRESENT_JS).then(reshare, [shared, present], [share], api_name=False)
+        demo.load(None, None, None, js=PRESENT_FROM_URL_JS)
+        demo.load(restore, None, [reference, caption, method, top_k, steps, backbone, present, linked],
+                  api_name=False).success(search_if_linked, [linked, *query_inputs], query_outputs,
+                                          api_name=False).success(refresh_panel, panel_inputs, panel_outputs,
+                                                                  api_name=False)
 
         @gr.api(api_name="info")
-        def info(backbone: str | None = None) -> dict:
+        def info_api(backbone: str | None = None) -> dict:
             """Backbone choices, and the methods and gallery of one (default: the first)."""
             return guarded(engine.info)(backbone)
     return demo
@@ -238,7 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = build(engine, args)
     demo.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=engine.served_paths(),
-                max_file_size=args.max_file_size, theme=gr.themes.Soft(), css=CSS, show_error=False)
+                blocked_paths=engine.private_paths(),
+                max_file_size=args.max_file_size, theme=gr.themes.Soft(), css_paths=[CSS_PATH],
+                show_error=False)
     return 0
 
 

@@ -5,14 +5,18 @@ Every write goes to a temporary file in the target's folder, is fsync'ed, rename
 file or the new one, never half of one. Tensor files (safetensors) carry their kind, a format
 version and a SHA-256 of their tensors in their metadata; a set of files that belong together (a
 gallery index) is written as a group whose manifest records each file's size and SHA-256, and is
-committed by one rename (a crash between renames is rolled forward on the next open). Reading a
+committed by one rename (a crash between renames is rolled forward on the next open). Files
+written before checksums existed (legacy) are verified against a `checksums.json` in their folder
+when one lists them (the bundled models), else read with one warning in the log. Reading a
 missing, empty, truncated, foreign, newer or corrupt artifact raises `ArtifactError`, one line that
-names the file, says what is wrong and what to do.
+names the file, says what is wrong and what to do. Metadata is written in a fixed (sorted) order, so
+identical content gives byte-identical files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +40,9 @@ FORMAT = 1
 #: `ISEARLE_VERIFY=full` hashes every file, `ISEARLE_VERIFY=size` none.
 HASH_LIMIT = 256 * 2**20
 _KEY = "isearle"  # safetensors metadata key holding {"kind", "format", "sha256"}
+#: A folder's list of legacy files and their {"size", "sha256"}: {"format": 1, "files": {name: record}}
+CHECKSUMS = "checksums.json"
+_warned: set[str] = set()  # legacy files already reported as unverified (once per process)
 
 
 class ArtifactError(IsearleError, ValueError):
@@ -79,6 +86,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
+    os.chmod(tmp, _file_mode())  # mkstemp makes 0600: give the file what `open` would (umask applied)
     try:
         yield tmp
         _fsync_file(tmp)
@@ -87,6 +95,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
+
+
+@functools.lru_cache(maxsize=1)
+def _file_mode() -> int:
+    """0666 less the process umask: the mode of a file created with `open` (read once; umask is per process)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
@@ -145,7 +161,7 @@ def check_file(path: str | Path, record: Mapping[str, Any] | None, remedy: str) 
 def read_json(path: str | Path, remedy: str, record: Mapping[str, Any] | None = None) -> Any:
     """Parsed JSON of `path` (checked against `record` first when given), or ArtifactError."""
     path = Path(path)
-    check_file(path, record, remedy)
+    check_file(path, record if record is not None else listed_record(path), remedy)
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
@@ -178,13 +194,26 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], kind: str,
                  metadata: Mapping[str, str] | None = None) -> Path:
     """A safetensors file of `kind` with its format and tensors' SHA-256, written atomically."""
-    from safetensors.torch import save_file
-
     state = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {**(metadata or {}), _KEY: json.dumps({"kind": kind, "format": FORMAT, "sha256": tensors_digest(state)})}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata=meta)
-    return Path(path)
+    return write_bytes(path, tensors_bytes(state, meta))
+
+
+def tensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes with its header in a fixed order (metadata keys sorted, then the
+    tensors by name): `safetensors` itself writes metadata in hash order, so two identical runs
+    would give files that differ in their bytes and checksums."""
+    from safetensors.torch import save
+
+    blob = save(dict(tensors))
+    (n,) = struct.unpack("<Q", blob[:8])
+    entries = json.loads(blob[8:8 + n])
+    entries.pop("__metadata__", None)
+    header: dict[str, Any] = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}} if metadata else {}
+    header.update((k, entries[k]) for k in sorted(entries))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    return struct.pack("<Q", len(text)) + text + blob[8 + n:]
 
 
 def _safetensors_header(path: Path, remedy: str) -> dict[str, Any]:
@@ -237,6 +266,8 @@ def load_tensors(path: str | Path, kind: str, remedy: str,
         if own.get("kind") not in (kind, *accept):
             raise ArtifactError(path, f"is a {own.get('kind')} file, not a {kind}", remedy)
         check_format(path, own.get("format"), FORMAT, remedy)
+    else:
+        check_legacy(path, remedy)
     try:
         tensors = load_file(str(path))
     except Exception as err:  # SafetensorError and friends: the bytes are not what the header says
@@ -244,6 +275,53 @@ def load_tensors(path: str | Path, kind: str, remedy: str,
     if own is not None and own.get("sha256") and own["sha256"] != tensors_digest(tensors):
         raise ArtifactError(path, "is corrupt (its tensors' SHA-256 does not match the one recorded)", remedy)
     return tensors, {k: v for k, v in meta.items() if k != _KEY}
+
+
+# ------------------------------------------------------------------------------- legacy files
+def listed_record(path: str | Path) -> dict[str, Any] | None:
+    """`path`'s {"size", "sha256"} in the `checksums.json` of its folder, None when not listed."""
+    path = Path(path)
+    manifest = path.parent / CHECKSUMS
+    if path.name == CHECKSUMS or not manifest.is_file():
+        return None
+    st = manifest.stat()
+    record = _checksums(str(manifest), st.st_size, st.st_mtime_ns).get(path.name)
+    return dict(record) if isinstance(record, dict) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _checksums(manifest: str, size: int, mtime_ns: int) -> dict[str, Any]:
+    data = read_json(manifest, "restore it from the repository (git checkout)")
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        raise ArtifactError(manifest, "is not a checksum list", "restore it from the repository (git checkout)")
+    return files
+
+
+def check_legacy(path: str | Path, remedy: str) -> bool:
+    """Verify a file that carries no checksum of its own against its folder's `checksums.json`
+    (size and SHA-256 always hashed: such lists name small bundled files); unlisted, say once in
+    the log that it is read unverified. Returns whether it was verified."""
+    path = Path(path)
+    record = listed_record(path)
+    if record is not None:
+        check_file(path, {"size": record["size"]}, remedy)
+        if sha256_file(path) != record.get("sha256"):
+            raise ArtifactError(path, f"is corrupt (its SHA-256 does not match the one in {CHECKSUMS})", remedy)
+        return True
+    key = str(path.resolve())
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("%s is in the legacy format without a checksum: it is read unverified (save it again "
+                    "with this isearle, or list it in a %s next to it)", display(path), CHECKSUMS)
+    return False
+
+
+def write_checksums(directory: str | Path, names: Iterable[str]) -> Path:
+    """`directory/checksums.json` listing `names` (files of that folder) with their size and SHA-256."""
+    directory = Path(directory)
+    files = {name: file_record(directory / name) for name in sorted(names)}
+    return write_json(directory / CHECKSUMS, {"format": FORMAT, "files": files}, indent=1)
 
 
 # ------------------------------------------------------------------------------- file groups

@@ -23,6 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 
 from isearle import paths
+from isearle.artifacts import check_legacy
 from isearle.errors import IsearleError
 from isearle.runtime import hub_offline
 
@@ -101,9 +102,11 @@ class Backbone:
     name: str
     pretrained: str | None
     device: torch.device
-    #: "fp16": autocast on CUDA (the demo's speed); "fp32": none (SEARLE's validate.py, `isearle eval`);
-    #: "bf16": bf16 weights and autocast (the query path's copy, see `with_precision`).
-    precision: str = "fp16"
+    #: One of `isearle.precision.COMPUTE_PRECISIONS`, meaning the same on every device: "fp32": none
+    #: (SEARLE's validate.py, `isearle eval`); "fp16": fp16 autocast (on CUDA, `load_backbone`'s default
+    #: there; on CPU only where torch supports it, else fp32); "bf16": bf16 weights and autocast (the
+    #: query path's copy, see `with_precision`). `load_backbone` sets fp16 on CUDA and fp32 on CPU.
+    precision: str = "fp32"
     _placeholder_id: int | None = field(default=None, repr=False)
 
     @property
@@ -148,18 +151,20 @@ class Backbone:
 
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
-        """The inference autocast: fp16 on CUDA for "fp16", none in fp32 (and on CPU), bf16 for "bf16"."""
+        """The inference autocast of `precision`: none in fp32, fp16 / bf16 autocast otherwise."""
         from isearle.precision import autocast
 
         return autocast(self.device, self.precision)
 
     def with_precision(self, precision: str) -> Backbone:
-        """This backbone in `precision` ("fp32" or "bf16"): a bf16 copy keeps its weights in bf16
+        """This backbone in `precision` ("fp32", "fp16" or "bf16"): a bf16 copy keeps its weights in bf16
         (half the bytes each query reads; no cast per call), the original stays fp32 for OTI."""
         if precision == self.precision:
             return self
-        if precision not in ("fp16", "fp32", "bf16"):
-            raise ValueError(f"unknown precision {precision!r}: use fp16, fp32 or bf16")
+        from isearle.precision import COMPUTE_PRECISIONS
+
+        if precision not in COMPUTE_PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(COMPUTE_PRECISIONS)}")
         if precision == "bf16":
             return replace(self, model=copy.deepcopy(self.model).to(torch.bfloat16), precision=precision)
         if self.precision == "bf16":
@@ -246,6 +251,8 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
                 f"bundled weights for {name!r} are missing at {path}: restore assets/ from git "
                 f"(git lfs / git checkout) or retrain them with `isearle train-clip`"
             )
+        check_legacy(path, "restore assets/ from git (git checkout assets/models) or retrain them with "
+                           "`isearle train-clip`")  # a flipped bit would change every answer silently
         return str(path)
     cfg = open_clip.get_pretrained_cfg(name, pretrained)
     if not cfg:
@@ -324,6 +331,8 @@ def load_backbone(
     std = cfg.get("std", open_clip.OPENAI_DATASET_STD)
     size = model.visual.image_size
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
+    from isearle.precision import default_compute_precision
+
     return Backbone(
         model=model,
         preprocess=build_preprocess(preprocess, size, mean, std),
@@ -331,4 +340,5 @@ def load_backbone(
         name=name,
         pretrained=pretrained,
         device=device,
+        precision=default_compute_precision(device),
     )

@@ -37,6 +37,7 @@ from isearle.backbone import (
     register_model_configs,
 )
 from isearle.paths import ASSETS_DIR, REPO_DIR
+from isearle.precision import compute_autocast, grad_scaler
 from isearle.resume import load_state, save_state
 from isearle.runtime import set_threads
 
@@ -73,7 +74,8 @@ class TrainConfig:
     export: str = str(EXPORT_PATH)
     #: Caption forms (full, partial, clause, edit); edit captions teach "a photo of X that {edit}".
     caption_weights: tuple[float, float, float, float] = (0.25, 0.1, 0.25, 0.4)
-    #: "bf16": CPU/GPU autocast of the forward pass (1.3x faster on AVX512-BF16 CPUs), "fp32": none.
+    #: `isearle.precision.COMPUTE_PRECISIONS`: "bf16": autocast of the forward pass (1.3x faster on
+    #: AVX512-BF16 CPUs); "fp32": none; "fp16": fp16 autocast + GradScaler (on CPU where torch supports it).
     precision: str = "bf16"
     #: Share of captions whose subject is one composite word "$" fed as the mean of its words'
     #: embeddings, so that one token can stand for a scene (README: the offline world; 0: off).
@@ -230,6 +232,7 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         meta = resumed
         log.info("resumed from %s at step %d (%.1f min)", ckpt, meta["step"], meta["minutes"])
     model.train()
+    scaler = grad_scaler(next(model.parameters()).device, config.precision)
     start_step, start_min, t0 = meta["step"], meta["minutes"], time.time()
     bar = tqdm(total=config.steps, initial=start_step, desc="train-clip", disable=not progress,
                mininterval=5, dynamic_ncols=False)
@@ -249,16 +252,18 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
         if hasattr(dataset, "set_step"):
             dataset.set_step(step)
         images, texts, subjects = _batch(dataset, idx)
-        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with compute_autocast(images.device, config.precision):
             img_f = model.encode_image(images, normalize=True)
             words = composite_words(model.token_embedding, tokenizer(subjects), tokenizer.sot_token_id) \
                 if any(subjects) else None
             txt_f = torch.nn.functional.normalize(encode_tokens(text_backbone, tokenizer(texts), words), dim=-1)
         loss = loss_fn(img_f.float(), txt_f.float(), model.logit_scale.exp().float())
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         step += 1

@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import logging
-import re
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -135,24 +134,35 @@ class ConceptBank:
         return bank
 
 
-def concept_bank(backbone: Backbone, source: str, cache_dir: str | Path | None = None,
-                 progress: bool = True, cache: bool = True) -> ConceptBank:
-    """The bank of `source` for `backbone`, built once and cached on disk (unless not `cache`, e.g.
-    random-init weights); a damaged cache is rebuilt. The cache key holds the weights' id
-    (`weights.weights_fingerprint`: a local file's digest), so a retrained model never meets the
-    bank of its predecessor."""
-    if not cache:
-        return ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
-    from isearle.weights import weights_fingerprint
+def concept_settings(backbone: Backbone, source: str, templates: Sequence[str] = TEMPLATES) -> dict:
+    """Everything besides the weights that changes a concept bank: the vocabulary (a file by its
+    content), the ensembling templates and the precision its texts are encoded in."""
+    from isearle.precision import effective_precision
+    from isearle.weights import file_digest
 
-    key = f"{backbone.name}_{weights_fingerprint(backbone.pretrained)}_{Path(source).stem}"
-    key = re.sub(r"[^A-Za-z0-9._-]+", "-", key)
+    vocabulary = f"file:{file_digest(source)}" if Path(source).is_file() else source
+    return {"what": "concepts", "version": 2, "vocabulary": vocabulary, "templates": list(templates),
+            "precision": effective_precision(backbone.precision, backbone.device)}
+
+
+def concept_bank(backbone: Backbone, source: str, cache_dir: str | Path | None = None,
+                 progress: bool = True, cache: bool = True, templates: Sequence[str] = TEMPLATES) -> ConceptBank:
+    """The bank of `source` for `backbone`, built once and cached on disk (unless not `cache`, or
+    random-init weights); a damaged cache is rebuilt. The cache key (`isearle.keys.cache_key`) holds
+    the weights' id and `concept_settings` (vocabulary, templates, precision), so a retrained model
+    or an fp16 build never meets the bank of another."""
+    from isearle.keys import cache_key
+
+    key = cache_key(backbone.name, backbone.pretrained, **concept_settings(backbone, source, templates)) \
+        if cache else None
+    if key is None:
+        return ConceptBank.build(backbone, load_vocabulary(source), templates, progress=progress)
     path = Path(cache_dir or paths.CACHE_DIR / "concepts") / f"{key}.safetensors"
     if path.exists():
         try:
             return ConceptBank.load(path, backbone)
         except ArtifactError as err:
             log.warning("%s %s: rebuilding it", display(path), err.problem)
-    bank = ConceptBank.build(backbone, load_vocabulary(source), progress=progress)
+    bank = ConceptBank.build(backbone, load_vocabulary(source), templates, progress=progress)
     bank.save(path, backbone)
     return bank

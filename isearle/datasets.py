@@ -333,31 +333,54 @@ def default_cache_dir() -> Path:
     return paths.CACHE_DIR / "features"
 
 
-def backbone_key(name: str, pretrained: str | None, preprocess: str = "targetpad") -> str:
-    """A file-name-safe key for (backbone name, pretrained weights, preprocessing); local weights by digest."""
-    from isearle.weights import weights_fingerprint
+#: Format version of the feature cache's shards (part of its key).
+FEATURE_CACHE_VERSION = 2
 
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{name}__{weights_fingerprint(pretrained)}__{preprocess}")
+
+def feature_settings(backbone: object, preprocess: str = "targetpad", decode: str = "searle") -> dict:
+    """Everything besides the weights that changes a cached image feature: the precision it was
+    encoded in (what it means on the backbone's device), the preprocessing and the decoding."""
+    from isearle.precision import effective_precision
+
+    device = getattr(backbone, "device", "cpu")
+    return {"what": "features", "version": FEATURE_CACHE_VERSION, "preprocess": preprocess, "decode": decode,
+            "precision": effective_precision(getattr(backbone, "precision", "fp32"), device)}
+
+
+def backbone_key(name: str, pretrained: str | None, preprocess: str = "targetpad", **settings: object) -> str | None:
+    """The feature cache's key (`isearle.keys.cache_key`) of a backbone, preprocessing and decoding /
+    precision settings (`feature_settings`); None for random-init weights (never cached)."""
+    from isearle.keys import cache_key
+
+    return cache_key(name, pretrained, **{"what": "features", "version": FEATURE_CACHE_VERSION,
+                                          "preprocess": preprocess, **settings})
 
 
 class FeatureCache:
-    """Un-normalised image features on disk, keyed by (backbone name, pretrained, preprocessing) and
-    image id, inside a dataset namespace: ``{root}/{backbone key}/{namespace}/shard_*.safetensors``.
+    """Un-normalised image features on disk, keyed by the backbone's weights and every setting that
+    changes a feature (`feature_settings`: precision, preprocessing, decoding) and by image id, inside
+    a dataset namespace: ``{root}/{key}/{namespace}/shard_*.safetensors``.
 
     Each shard holds a [N, D] tensor with its ids in the metadata; shards are written as extraction
-    proceeds, so an interrupted extraction resumes. `root=None` disables the disk (memory only).
+    proceeds, so an interrupted extraction resumes. `root=None` or `key=None` (random-init weights)
+    disables the disk (memory only).
     """
 
-    def __init__(self, root: str | Path | None, key: str, namespace: str) -> None:
-        self.dir = None if root is None else Path(root) / key / namespace
+    def __init__(self, root: str | Path | None, key: str | None, namespace: str) -> None:
+        self.dir = None if root is None or key is None else Path(root) / key / namespace
+        self.key = key
         self._ids: dict[str, int] = {}
         self._rows: list[torch.Tensor] = []
         self._loaded = False
 
     @classmethod
     def for_backbone(cls, root: str | Path | None, backbone: object, namespace: str,
-                     preprocess: str = "targetpad") -> FeatureCache:
-        return cls(root, backbone_key(backbone.name, backbone.pretrained, preprocess), namespace)
+                     preprocess: str = "targetpad", decode: str = "searle") -> FeatureCache:
+        """The cache of `backbone`'s features in its precision, with this preprocessing and decoding."""
+        settings = feature_settings(backbone, preprocess, decode)
+        from isearle.keys import cache_key
+
+        return cls(root, cache_key(backbone.name, backbone.pretrained, **settings), namespace)
 
     def _load(self) -> None:
         if self._loaded:
@@ -423,19 +446,40 @@ class FeatureCache:
 
 def extract_features_cached(backbone: object, ids: Sequence[str], sources: dict[str, ImageSource],
                             cache: FeatureCache, batch_size: int = 64, num_workers: int = 0,
-                            progress: bool = True, flush_every: int = 4096, desc: str = "image features") -> torch.Tensor:
+                            progress: bool = True, flush_every: int = 4096, desc: str = "image features",
+                            decode: str = "searle", unreadable: dict[str, str] | None = None) -> torch.Tensor:
     """Un-normalised features [N, D] of `ids` (in order): cached ones read, the others encoded in
-    batches (DataLoader, progress bar) and written to the cache every `flush_every` images."""
+    batches (DataLoader, progress bar) and written to the cache every `flush_every` images.
+
+    Images that cannot be read are skipped (their rows are zero), named in the log and in
+    `unreadable` ({id: reason}); more than `isearle.images.MAX_UNREADABLE` of them raise
+    `UnreadableImages`. They are not cached, so a repaired file is read next time."""
+    from isearle.images import check_unreadable
+
     todo = cache.missing(list(dict.fromkeys(ids)))
+    bad: dict[str, str] = {}
     if todo:
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
-        for rows, feats, _ in embed_images(backbone, [sources[i] for i in todo], batch_size, num_workers,
-                                           progress, desc):
+        for rows, feats, errors in embed_images(backbone, [sources[i] for i in todo], batch_size, num_workers,
+                                                progress, desc, skip_unreadable=True, decode=decode):
+            bad.update((todo[r], e) for r, e in errors)
+            if feats is None:
+                continue
             pending.append(feats)
             pending_ids += [todo[i] for i in rows]
             if len(pending_ids) >= flush_every:
                 cache.add(pending_ids, torch.cat(pending))
                 pending_ids, pending = [], []
         cache.add(pending_ids, torch.cat(pending) if pending else torch.empty(0))
-    return cache.get(list(ids))
+    check_unreadable(list(bad.items()), len(dict.fromkeys(ids)))
+    if unreadable is not None:
+        unreadable.update(bad)
+    good = [i for i in ids if i not in bad]
+    feats = cache.get(good)
+    if not bad:
+        return feats
+    out = torch.zeros(len(ids), feats.shape[1] if feats.numel() else getattr(backbone, "embed_dim", 0))
+    keep = [r for r, i in enumerate(ids) if i not in bad]
+    out[keep] = feats
+    return out

@@ -24,8 +24,8 @@ Protocol choices (see `isearle.metrics` for the ranking rules):
 
 from __future__ import annotations
 
-import hashlib
 import json
+import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -46,21 +46,21 @@ from isearle.datasets import (
     Benchmark,
     FeatureCache,
     Query,
-    backbone_key,
     default_cache_dir,
     extract_features_cached,
     fashioniq_prompts,
     load_benchmarks,
 )
+from isearle.eval_table import TITLES, format_table, jsonable  # noqa: F401  (the evaluation's API)
 from isearle.oti import OTIConfig
 from isearle.phi import resolve_phi
 from isearle.retrieval import DEFAULT_TEMPLATE, METHODS, compose_queries
 
+log = logging.getLogger(__name__)
+
 #: Whether the reference image is removed from the ranking by default (see the module docstring).
 EXCLUDE_REFERENCE = {"cirr": True, "circo": False, "fashioniq": False, "imagenet-r": False, "shapes": True}
 DEFAULT_SPLIT = {"cirr": "val", "circo": "val", "fashioniq": "val", "imagenet-r": "val", "shapes": "val"}
-TITLES = {"cirr": "CIRR", "circo": "CIRCO", "fashioniq": "FashionIQ", "imagenet-r": "ImageNet-R domain conversion",
-          "shapes": "ShapesCIR"}
 SUBMISSION_TOP = 50
 
 
@@ -128,14 +128,28 @@ def compose_benchmark_queries(backbone: Any, bench: Benchmark, method: str, ref_
     return out
 
 
+def oti_cache_settings(backbone: Any, ids: Sequence[str], config: OTIConfig, *, preprocess: str, decode: str,
+                       features_precision: str, phrase_id: object = None, init_tag: str | None = None) -> dict:
+    """Everything besides the weights that changes the OTI tokens of an evaluation: the OTI settings
+    (templates and the run's precision included), the images and how their features were made
+    (preprocessing, decoding, precision), the phrase bank and the warm start."""
+    from isearle.oti import oti_precision
+
+    return {"what": "oti", "version": 2, "oti": asdict(config) | {"precision": oti_precision(backbone, config)},
+            "ids": list(ids), "preprocess": preprocess, "decode": decode, "features_precision": features_precision,
+            "phrases": phrase_id, "init": init_tag}
+
+
 def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config: OTIConfig, *,
-               cache_root: Path | None, namespace: str, preprocess: str = "targetpad",
-               phrases: Path | None = None, vocabulary: str = "openimages", init: torch.Tensor | None = None,
-               init_tag: str | None = None, progress: bool = True) -> torch.Tensor:
+               cache_root: Path | None, namespace: str, preprocess: str = "targetpad", decode: str = "searle",
+               features_precision: str = "fp32", phrases: Path | None = None, vocabulary: str = "openimages",
+               init: torch.Tensor | None = None, init_tag: str | None = None, progress: bool = True) -> torch.Tensor:
     """OTI pseudo-tokens [R, W] of the reference images, resumable and cached under
-    ``{cache_root}/oti/{backbone}/{namespace}/{config hash}`` (a temp folder when `cache_root` is None).
+    ``{cache_root}/oti/{cache key}/{namespace}`` (`oti_cache_settings`; a temp folder when `cache_root` is
+    None or the weights are random).
 
     `init` warm-starts OTI (e.g. from phi); `init_tag` names it in the cache key."""
+    from isearle.keys import cache_key
     from isearle.oti import phrase_tasks
     from isearle.oti_runs import invert_dataset
 
@@ -144,20 +158,22 @@ def oti_tokens(backbone: Any, ids: Sequence[str], features: torch.Tensor, config
     if phrases is not None:
         from isearle.concepts import concept_bank
         from isearle.phrases import load_phrase_bank
+        from isearle.weights import file_digest
 
         bank = load_phrase_bank(phrases)
         concepts = concept_bank(backbone, vocabulary, progress=progress)
         names = concepts.top_names(features, config.top_k_concepts)
-        tasks = phrase_tasks(names, bank, config.top_k_concepts)
-        phrase_id = [str(Path(phrases).resolve()), Path(phrases).stat().st_mtime_ns, vocabulary]
-    ident = json.dumps([asdict(config), list(ids), phrase_id, init_tag if init is not None else None],
-                       sort_keys=True, default=str)
-    digest = hashlib.blake2b(ident.encode(), digest_size=8).hexdigest()
-    if cache_root is None:
+        tasks = phrase_tasks(names, bank, config.top_k_concepts, config.concept_match)
+        phrase_id = [file_digest(phrases), vocabulary]
+    settings = oti_cache_settings(backbone, ids, config, preprocess=preprocess, decode=decode,
+                                  features_precision=features_precision, phrase_id=phrase_id,
+                                  init_tag=init_tag if init is not None else None)
+    key = cache_key(backbone.name, backbone.pretrained, **settings)
+    if cache_root is None or key is None:
         with tempfile.TemporaryDirectory() as tmp:
             _, tokens = invert_dataset(backbone, list(ids), features, tmp, config, tasks, init, progress)
             return tokens
-    out = Path(cache_root) / "oti" / backbone_key(backbone.name, backbone.pretrained, preprocess) / namespace / digest
+    out = Path(cache_root) / "oti" / key / namespace
     got_ids, tokens = invert_dataset(backbone, list(ids), features, out, config, tasks, init, progress)
     if list(got_ids) != list(ids):
         raise RuntimeError(f"OTI cache {out} holds other images: delete it and run again")
@@ -305,6 +321,7 @@ def evaluate(
     num_workers: int = 0,
     submission_dir: str | Path | None = None,
     preprocess: str = "targetpad",
+    decode: str = "searle",
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate `method` on `benchmark`/`split`; returns metrics (percent) + "meta" (+ "submissions").
@@ -312,7 +329,12 @@ def evaluate(
     `data`: the dataset folder (ShapesCIR: default assets/shapescir). `phi`: a module, "searle",
     "searle-xl" or a checkpoint path (method phi; for OTI, a warm start). `cache_dir`: where image
     features and OTI tokens are kept ("default": $ISEARLE_CACHE or ~/.cache/isearle; None: no disk
-    cache). `submission_dir`: write test-server files there (CIRR, CIRCO, ShapesCIR).
+    cache). `submission_dir`: write test-server files there (CIRR, CIRCO, ShapesCIR). `decode`: the
+    image decoding (`isearle.images`; "searle": as the authors' code). Images that cannot be read are
+    skipped (a gallery image leaves the gallery, a query whose reference is unreadable is dropped) and
+    listed in meta["unreadable"]; more than 1 % of them fail the run. OTI runs in `oti.precision`
+    (None: the backbone's); its reference features are encoded in that precision, as SEARLE's
+    oti_inversion.py encodes them under its autocast.
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}: use one of {', '.join(BENCHMARKS)}")
@@ -334,13 +356,22 @@ def evaluate(
     benches = [b.limit(limit) for b in load_benchmarks(benchmark, data, split, categories=categories,
                                                        domains=domains, image_size=backbone.image_size)]
     parts: list[tuple[Benchmark, Ranked]] = []
+    unreadable: dict[str, str] = {}
+    dropped_queries = 0
+    features_root = None if cache_root is None else cache_root / "features"
+    precision = _features_precision(backbone)
     for bench in benches:
         label = f"{benchmark}{'/' + bench.subset_name if bench.subset_name else ''}"
-        cache = FeatureCache.for_backbone(None if cache_root is None else cache_root / "features", backbone,
-                                          bench.cache_namespace, preprocess)
+        cache = FeatureCache.for_backbone(features_root, backbone, bench.cache_namespace, preprocess, decode)
         ids = bench.image_ids()
+        bad: dict[str, str] = {}
         feats = extract_features_cached(backbone, ids, bench.images, cache, batch_size, num_workers, progress,
-                                        desc=f"{label} images")
+                                        desc=f"{label} images", decode=decode, unreadable=bad)
+        if bad:
+            unreadable.update(bad)
+            n = len(bench.queries)
+            bench = _without(bench, set(bad))
+            dropped_queries += n - len(bench.queries)
         row = {i: r for r, i in enumerate(ids)}
         gallery = F.normalize(feats[[row[g] for g in bench.gallery]], dim=-1)
         ref_ids = list(dict.fromkeys(q.reference for q in bench.queries))
@@ -352,8 +383,11 @@ def evaluate(
             if phi_net is not None:
                 with torch.inference_mode():
                     init = phi_net(ref_feats.to(backbone.device)).float().cpu()
-            tokens = oti_tokens(backbone, ref_ids, ref_feats, oti, cache_root=cache_root,
-                                namespace=bench.cache_namespace, preprocess=preprocess,
+            oti_feats, oti_feats_precision = _oti_features(backbone, oti, ref_ids, ref_feats, bench, features_root,
+                                                           preprocess, decode, batch_size, num_workers, progress)
+            tokens = oti_tokens(backbone, ref_ids, oti_feats, oti, cache_root=cache_root,
+                                namespace=bench.cache_namespace, preprocess=preprocess, decode=decode,
+                                features_precision=oti_feats_precision,
                                 phrases=Path(oti_phrases) if oti_phrases else None, vocabulary=oti_vocabulary,
                                 init=init, init_tag=phi_name, progress=progress)
         queries = compose_benchmark_queries(backbone, bench, method, ref_feats, ref_index, phi=phi_net,
@@ -368,9 +402,11 @@ def evaluate(
     result["meta"] = {
         "benchmark": benchmark, "split": parts[0][0].split, "method": method,
         "backbone": backbone.name, "pretrained": backbone.pretrained, "preprocess": preprocess,
-        "precision": getattr(backbone, "precision", None),
+        "decode": decode, "precision": precision,
+        "unreadable": {"count": len(unreadable), "images": sorted(unreadable), "queries_dropped": dropped_queries},
         "phi": phi_name, "template": template,
-        "oti": asdict(oti) | {"phrases": str(oti_phrases) if oti_phrases else None} if method == "oti" else None,
+        "oti": asdict(oti) | {"phrases": str(oti_phrases) if oti_phrases else None,
+                              "precision": _oti_precision(backbone, oti)} if method == "oti" else None,
         "n_queries": sum(len(b) for b, _ in parts), "gallery_size": sum(len(b.gallery) for b, _ in parts),
         "categories": [b.subset_name for b, _ in parts] if benchmark == "fashioniq" else None,
         "exclude_reference": exclude, "ground_truth": all(b.has_ground_truth for b, _ in parts),
@@ -378,6 +414,47 @@ def evaluate(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return result
+
+
+def _features_precision(backbone: Any) -> str:
+    from isearle.precision import effective_precision
+
+    return effective_precision(getattr(backbone, "precision", "fp32"), getattr(backbone, "device", "cpu"))
+
+
+def _oti_precision(backbone: Any, oti: OTIConfig) -> str:
+    from isearle.oti import oti_precision
+
+    return oti_precision(backbone, oti)
+
+
+def _oti_features(backbone: Any, oti: OTIConfig, ref_ids: list[str], ref_feats: torch.Tensor, bench: Benchmark,
+                  features_root: Path | None, preprocess: str, decode: str, batch_size: int, num_workers: int,
+                  progress: bool) -> tuple[torch.Tensor, str]:
+    """The reference features OTI inverts, and their precision: the evaluation's own when OTI runs in
+    the same precision, else encoded again in OTI's (SEARLE's oti_inversion.py encodes the images
+    under the autocast of its fp16 OTI), through a feature cache keyed by that precision."""
+    precision = _oti_precision(backbone, oti)
+    if precision == _features_precision(backbone) or not hasattr(backbone, "with_precision"):
+        return ref_feats, _features_precision(backbone)
+    encoder = backbone.with_precision(precision)
+    cache = FeatureCache.for_backbone(features_root, encoder, bench.cache_namespace, preprocess, decode)
+    feats = extract_features_cached(encoder, ref_ids, bench.images, cache, batch_size, num_workers, progress,
+                                    desc=f"{bench.name} references ({precision})", decode=decode)
+    return feats, precision
+
+
+def _without(bench: Benchmark, bad: set[str]) -> Benchmark:
+    """The benchmark without unreadable images: out of the gallery (and CIRR subsets), and without the
+    queries whose reference cannot be read (SEARLE's collate_fn drops such items too)."""
+    from dataclasses import replace
+
+    queries = [replace(q, subset=[m for m in q.subset if m not in bad] if q.subset is not None else None)
+               for q in bench.queries if q.reference not in bad]
+    if len(queries) < len(bench.queries):
+        log.warning("%s: %d queries dropped: their reference image cannot be read",
+                    bench.name, len(bench.queries) - len(queries))
+    return replace(bench, queries=queries, gallery=[g for g in bench.gallery if g not in bad])
 
 
 #: Metric that selects phi during training (`isearle train-phi --val-every`), per benchmark.
@@ -401,55 +478,6 @@ def phi_validator(backbone: Any, benchmark: str = "shapes", data: str | Path | N
     return validate
 
 
-# ------------------------------------------------------------------------------------ table
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "-" if v != v else f"{v:.2f}"  # nan: no query in that group
-    return str(v)
-
-
-def _grid(header: Sequence[str], rows: Sequence[Sequence[Any]], label_column: bool = True) -> list[str]:
-    cells = [list(map(str, header))] + [[_fmt(v) for v in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-
-    def line(r: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) if i == 0 and label_column else c.rjust(w)
-                         for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-
-    return [line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]]
-
-
-def format_table(result: dict[str, Any]) -> str:
-    """A plain-text results table: the headline metrics, then one block per breakdown."""
-    meta = result.get("meta", {})
-    head = (f"{TITLES.get(meta.get('benchmark'), meta.get('benchmark'))} {meta.get('split')} | method "
-            f"{meta.get('method')}{' (' + str(meta.get('phi')) + ')' if meta.get('phi') else ''} | "
-            f"{meta.get('backbone')}/{meta.get('pretrained')} | {meta.get('n_queries')} queries, "
-            f"gallery {meta.get('gallery_size')}")
-    lines = [head]
-    flat = {k: v for k, v in result.items() if isinstance(v, (int, float)) and k != "meta"}
-    if flat:
-        lines += _grid(list(flat), [list(flat.values())], label_column=False)
-    elif not meta.get("ground_truth", True):
-        lines.append("no ground truth in this split: submit the files below to the test server")
-    for key, value in result.items():
-        if not isinstance(value, dict) or key == "meta" or not value:
-            continue
-        first = next(iter(value.values()))
-        title = {"per_aspect": "mAP@10 per semantic aspect", "per_edit": "mAP@10 per edit type",
-                 "per_category": "per category", "per_domain": "per domain"}.get(key, key)
-        lines.append("")
-        lines.append(title)
-        if isinstance(first, dict):
-            cols = list(first)
-            lines += _grid(["", *cols], [[g, *[m.get(c, "") for c in cols]] for g, m in value.items()])
-        else:
-            lines += _grid(["", "mAP@10"], list(value.items()))
-    for path in result.get("submissions", []):
-        lines.append(f"submission: {path}")
-    return "\n".join(lines)
-
-
 def default_backbone(benchmark: str, phi: str | None, model: str | None,
                      pretrained: str | None) -> tuple[str, str | None]:
     """(model, pretrained) when not given: the official phi's backbone, the shapes model, or OpenAI B/32."""
@@ -468,14 +496,3 @@ def default_backbone(benchmark: str, phi: str | None, model: str | None,
     if pretrained is None:
         pretrained = "isearle-shapes" if model == "isearle-shapes" else "openai"
     return model, None if str(pretrained).lower() == "none" else pretrained
-
-
-def jsonable(obj: Any) -> Any:
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(obj, float):
-        return obj if obj == obj and abs(obj) != float("inf") else None
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    return obj

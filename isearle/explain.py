@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from isearle.artifacts import atomic_path
+from isearle.artifacts import tensors_bytes, write_bytes
 from isearle.backbone import Backbone, encode_tokens
 from isearle.errors import BadRequest
 from isearle.oti import OTIConfig, token_norm
+from isearle.paths import public_name
 from isearle.pseudo_word import encode_with_pseudo_tokens, fill_template, normalize_prompt
 from isearle.reference import Reference, image_key
 from isearle.retrieval import Hit
@@ -298,15 +298,20 @@ class PseudoWord:
 
 
 def token_metadata(insp: Session, image: Reference | Image.Image, method: str, oti: OTIConfig) -> dict[str, Any]:
-    """What made an image's S*: backbone, method, its settings (OTI config or phi) and the image hash."""
+    """What made an image's S*: backbone, method, its settings (OTI config or phi), the image hash and,
+    for a gallery item, its id. Files are named as `paths.public_name` shows them (no server paths)."""
     b = insp.backbone
-    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": insp.phi_name}
+    phi = public_name(insp.phi_name)
+    settings: dict[str, Any] = asdict(oti) if method == "oti" else {"phi": phi}
     if method == "oti":
         settings["templates"] = len(oti.templates)
         settings["warm_start"] = "phi" if insp.retriever.phi is not None else None
-        settings["phi"] = insp.phi_name
-    return {"model": b.name, "pretrained": str(b.pretrained), "method": method, "token_width": b.token_width,
-            "image_hash": image_hash(image), "settings": settings}
+        settings["phi"] = phi
+    meta = {"model": b.name, "pretrained": public_name(b.pretrained) or "None", "method": method,
+            "token_width": b.token_width, "image_hash": image_hash(image), "settings": settings}
+    if isinstance(image, Reference) and image.item_id is not None:
+        meta["reference_id"] = image.item_id
+    return meta
 
 
 def image_hash(image: Reference | Image.Image) -> str:
@@ -325,8 +330,7 @@ def save_token(path: str | Path, token: torch.Tensor, metadata: dict[str, Any]) 
     """S* as safetensors ("pseudo_word" [width]) with its metadata as JSON strings."""
     path = Path(path)
     meta = {"format": TOKEN_FORMAT, **{k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}}
-    with atomic_path(path) as tmp:  # a crash never leaves half a file
-        save_file({"pseudo_word": token.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+    write_bytes(path, tensors_bytes({"pseudo_word": token.detach().float().cpu().contiguous()}, meta))
     return path
 
 
@@ -350,7 +354,7 @@ def load_token(path: str | Path, backbone: Backbone | None = None) -> PseudoWord
         raise BadRequest(f"{path.name} holds a tensor of shape {tuple(token.shape)}, not one pseudo-word")
     if backbone is not None:
         made_for = (meta.get("model"), meta.get("pretrained"))
-        if made_for != (backbone.name, str(backbone.pretrained)) or token.shape[0] != backbone.token_width:
+        if made_for != (backbone.name, public_name(backbone.pretrained) or "None") or token.shape[0] != backbone.token_width:
             raise BadRequest(f"{path.name} was made for {made_for[0]}/{made_for[1]} (width {token.shape[0]}), "
                              f"not {backbone.name}/{backbone.pretrained}: choose that backbone")
     return PseudoWord(token, meta)
@@ -372,15 +376,21 @@ class ImageRecord:
                 **{m: v.as_dict() for m, v in self.views.items()}}
 
 
-def inspect_images(insp: Session, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
-                   k: int = 10, warm: bool = True, thumbnail: int = 96, progress: bool = True) -> list[ImageRecord]:
-    """Each image's S* by each method (OTI warm-started from phi unless not `warm`), described."""
+def check_methods(insp: Session, methods: Sequence[str]) -> list[str]:
+    """The methods of a batch inspection (phi, oti), deduplicated; BadRequest for an unknown or unavailable one."""
     methods = list(dict.fromkeys(methods))
     bad = [m for m in methods if m not in ("phi", "oti")]
     if bad or not methods:
         raise BadRequest(f"unknown method {bad[0] if bad else None!r}: use phi, oti or both")
     if "phi" in methods and insp.retriever.phi is None:
         raise BadRequest("no phi network for this backbone: pass --phi, or inspect with --method oti")
+    return methods
+
+
+def inspect_images(insp: Session, paths: Sequence[str | Path], methods: Sequence[str], oti: OTIConfig,
+                   k: int = 10, warm: bool = True, thumbnail: int = 96, progress: bool = True) -> list[ImageRecord]:
+    """Each image's S* by each method (OTI warm-started from phi unless not `warm`), described."""
+    methods = check_methods(insp, methods)
     records = []
     for path in tqdm(list(paths), desc="inspect", disable=not progress):
         ref = insp.reference(path)

@@ -48,20 +48,29 @@ def _prepare_items(images: Iterable[tuple[Any, ImageSource, Mapping[str, Any] | 
     return items
 
 
-def backbone_info(backbone: Backbone) -> dict[str, Any]:
-    """What an index records about the model that embedded it."""
-    return {"model": backbone.name, "pretrained": backbone.pretrained, "embed_dim": backbone.embed_dim}
+def backbone_info(backbone: Backbone, decode: str = "robust") -> dict[str, Any]:
+    """What an index records about how it was embedded: the model, the precision and the decoding."""
+    from isearle.precision import effective_precision
+
+    return {"model": backbone.name, "pretrained": backbone.pretrained, "embed_dim": backbone.embed_dim,
+            "precision": effective_precision(backbone.precision, backbone.device), "decode": decode}
 
 
 def items_and_index(backbone: Backbone, images: Iterable, index: GalleryIndex | None,
-                     config: IndexConfig | None) -> tuple[list, GalleryIndex]:
+                     config: IndexConfig | None, decode: str = "robust") -> tuple[list, GalleryIndex]:
     """The (id, source, metadata) items not in the index yet, and the index they go into: a new
-    one, or one of the same backbone (ids it already holds are skipped and counted in the log)."""
+    one, or one of the same backbone and decoding (ids it already holds are skipped and counted in
+    the log)."""
+    from isearle.errors import IsearleError
+
     items = _prepare_items(images)
     if index is None:
-        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone))
+        index = GalleryIndex(backbone.embed_dim, config, backbone_info(backbone, decode))
     else:
         check_backbone(index.info, backbone)
+        if index.info.get("decode", "robust") != decode:
+            raise IsearleError(f"the gallery was embedded with --decode {index.info.get('decode', 'robust')}: "
+                               f"append with the same --decode, or rebuild it")
     new = [item for item in items if item[0] not in index]
     if len(new) < len(items):
         log.info("%d of %d images are already in the index: skipped", len(items) - len(new), len(items))
@@ -79,6 +88,7 @@ def build_gallery_index(
     index: GalleryIndex | None = None,
     checkpoint: str | Path | None = None,
     draft: bool = False,
+    decode: str = "robust",
 ) -> GalleryIndex:
     """Embed (id, image, metadata) triples and index them (into `index` when given: incremental;
     ids it already holds are skipped).
@@ -89,10 +99,10 @@ def build_gallery_index(
     which `thumbs/` receives JPEGs for items without a file path (their metadata gets "thumbnail").
     With `checkpoint` (a folder), every embedded batch is kept there (`isearle.artifacts.Progress`):
     a run killed at any moment resumes at the first missing batch and gives the same index.
-    `draft`: JPEG files decoded at the reduced size the model needs (`open_image`); a bf16 backbone
-    (`Backbone.with_precision`) encodes in bf16.
+    `draft`: JPEG files decoded at the reduced size the model needs (`open_image`); the backbone's
+    precision (`Backbone.with_precision`) and `decode` (`isearle.images`) are recorded in the index.
     """
-    items, index = items_and_index(backbone, images, index, config)
+    items, index = items_and_index(backbone, images, index, config, decode)
     writer = None
     if thumbnails is not None:
         writer = ThumbnailWriter(Path(thumbnails) / "thumbs", offset=len(index))
@@ -100,7 +110,7 @@ def build_gallery_index(
     batches = [list(range(s, min(s + batch_size, len(items)))) for s in range(0, len(items), batch_size)]
     done: Progress | None = None
     if checkpoint is not None:
-        done = Progress(checkpoint, {"what": "index", "backbone": backbone_info(backbone), "base": len(index),
+        done = Progress(checkpoint, {"what": "index", "backbone": backbone_info(backbone, decode), "base": len(index),
                                      "batch_size": batch_size, "thumbs": writer is not None,
                                      "ids": [i for i, _, _ in items]})
     todo = [b for b in range(len(batches)) if done is None or not done.has(b)]
@@ -120,7 +130,7 @@ def build_gallery_index(
 
     embedded = embed_images(backbone, [source for _, source, _ in items], num_workers=num_workers, progress=progress,
                             desc="index", skip_unreadable=True, on_image=writer, batches=[batches[b] for b in todo],
-                            draft=backbone.image_size if draft else None)
+                            draft=backbone.image_size if draft else None, decode=decode)
     for b, (rows, feats, bad) in zip(todo, embedded, strict=True):
         feats = F.normalize(feats, dim=-1) if feats is not None else torch.zeros(0, backbone.embed_dim)
         if done is None:

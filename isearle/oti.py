@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from isearle.backbone import Backbone
-from isearle.precision import autocast
+from isearle.precision import compute_autocast, effective_precision
+from isearle.precision import grad_scaler as precision_scaler
 from isearle.prefix_cache import PrefixCache, supported
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 from isearle.templates import PALAVRA_TEMPLATES as CONCEPT_TEMPLATES
@@ -57,12 +58,15 @@ class OTIConfig:
     batch_size: int = 32
     seed: int = 0
     templates: tuple[str, ...] = field(default=TEMPLATES)
+    #: How a concept is found in its GPT phrases (`CONCEPT_MATCHES`): "word" (ours), "substring" (SEARLE).
+    concept_match: str = "word"
     #: Speed only: cache the keys/values of the positions before "$" and run the transformer on the
     #: packed suffixes (`isearle.prefix_cache`; exact in fp32). False: the plain fused pass.
     prefix_cache: bool = True
-    #: "fp32" (SEARLE's; the backbone's own autocast, fp16 on CUDA by default) or "bf16" (autocast of forward and
-    #: backward; faster on CPUs with AVX512-BF16/AMX, losses close to fp32's, not equal).
-    precision: str = "fp32"
+    #: `isearle.precision.COMPUTE_PRECISIONS`: "fp16" (SEARLE's oti_inversion.py: fp16 autocast + GradScaler),
+    #: "fp32", or "bf16" (autocast of forward and backward; faster on CPUs with AVX512-BF16/AMX, losses
+    #: close to fp32's, not equal); None: the backbone's precision (fp16 on CUDA, fp32 on CPU).
+    precision: str | None = None
 
 
 @dataclass
@@ -73,33 +77,46 @@ class PhraseTask:
     pseudo_phrases: list[str]
 
 
-def replace_concept(phrase: str, concept: str, count: int = 1) -> str | None:
-    """The phrase with its first `count` (0: every) standalone mentions of `concept` as " $ ", or None.
+#: How a concept is found in its phrases (`OTIConfig.concept_match`, `PhiTrainConfig.concept_match`):
+#: "word" (a standalone word) or "substring" (SEARLE's `str.replace`, which also finds "cat" in "category").
+CONCEPT_MATCHES = ("word", "substring")
+
+
+def replace_concept(phrase: str, concept: str, count: int = 1, match: str = "word") -> str | None:
+    """The phrase with its first `count` (0: every) mentions of `concept` as " $ ", or None.
 
     SEARLE uses `phrase.replace(concept, " $ ", 1)` in OTI and `phrase.replace(concept, " $ ")` in phi
-    training (case-sensitive); matching whole words only keeps "cat" out of "category".
+    training (case-sensitive): `match="substring"`. "word" matches whole words only, so that S* never
+    stands for a piece of another word ("cat" in "category" -> " $ egory", a prompt with a second
+    literal "$" whose S* learns from a word fragment).
     """
+    if match == "substring":
+        return phrase.replace(concept, " $ ", count or -1) if concept and concept in phrase else None
+    if match != "word":
+        raise ValueError(f"unknown concept match {match!r}: use one of {', '.join(CONCEPT_MATCHES)}")
     pattern = re.compile(r"(?<![\w$])" + re.escape(concept) + r"(?![\w])")
     out, n = pattern.subn(" $ ", phrase, count=count)
     return out if n else None
 
 
-def usable_concepts(phrase_bank: Mapping[str, Sequence[str]]) -> set[str]:
+def usable_concepts(phrase_bank: Mapping[str, Sequence[str]], match: str = "word") -> set[str]:
     """Concepts whose phrases all name them (SEARLE filters out a concept when one phrase does not)."""
-    return {c for c, ps in phrase_bank.items() if ps and all(replace_concept(p, c) for p in ps)}
+    return {c for c, ps in phrase_bank.items() if ps and all(replace_concept(p, c, match=match) for p in ps)}
 
 
 def phrase_tasks(
-    image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15
+    image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]], top_k: int = 15,
+    match: str = "word",
 ) -> list[PhraseTask]:
-    """Per image, every (phrase, phrase-with-$) pair of its top-k distinct usable concepts (SEARLE's OTI)."""
-    usable = usable_concepts(phrase_bank)
+    """Per image, every (phrase, phrase-with-$) pair of its top-k distinct usable concepts (SEARLE's OTI);
+    duplicate phrases are kept (they weight the draw, as in SEARLE)."""
+    usable = usable_concepts(phrase_bank, match)
     tasks = []
     for concepts in image_concepts:
         pairs = []
         for concept in list(dict.fromkeys(str(c).strip() for c in concepts))[:top_k]:
             if concept in usable:
-                pairs += [(p, replace_concept(p, concept)) for p in phrase_bank[concept]]
+                pairs += [(p, replace_concept(p, concept, match=match)) for p in phrase_bank[concept]]
         tasks.append(PhraseTask([p for p, _ in pairs], [q for _, q in pairs]))
     return tasks
 
@@ -125,6 +142,7 @@ class OTIObjective:
         rng: random.Random,
     ) -> None:
         self.backbone, self.config = backbone, config
+        self.precision = oti_precision(backbone, config)
         self.image_features = image_features.to(backbone.device).float()
         n = self.image_features.shape[0]
         self.template_tokens = tokenize_prompts(backbone, list(config.templates))
@@ -155,7 +173,7 @@ class OTIObjective:
             return
         texts = [self.tasks[i].phrases[c] for i, c in used]
         pseudo = [self.tasks[i].pseudo_phrases[c] for i, c in used]
-        with torch.no_grad(), self.backbone.autocast:
+        with torch.no_grad(), compute_autocast(self.backbone.device, self.precision):
             targets = [
                 encode_tokens(self.backbone, self.backbone.tokenize(texts[s : s + 256])).float()
                 for s in range(0, len(texts), 256)
@@ -176,8 +194,8 @@ class OTIObjective:
             pseudo = torch.cat([pseudo_tokens, pseudo_tokens[rows]])
         else:
             pseudo = pseudo_tokens
-        # one fused pass, in the backbone's precision unless bf16 is asked for
-        with autocast(self.backbone.device, "bf16" if cfg.precision == "bf16" else self.backbone.precision):
+        # one fused pass, in the run's precision (SEARLE: under fp16 autocast on CUDA)
+        with compute_autocast(self.backbone.device, self.precision):
             if self.prefix_cache is not None:
                 feats = self.prefix_cache.encode(which, pseudo).float()
             else:
@@ -207,12 +225,16 @@ def _project(v: torch.Tensor, cap: float) -> None:
     v.mul_((cap / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
 
 
-def grad_scaler(backbone: Backbone) -> torch.amp.GradScaler:
-    """SEARLE's GradScaler when the text tower runs under fp16 autocast (gradients of S* would
-    underflow in fp16 otherwise); a pass-through scaler in fp32 / bf16."""
-    autocast = backbone.autocast
-    fp16 = getattr(autocast, "_enabled", False) and getattr(autocast, "fast_dtype", None) == torch.float16
-    return torch.amp.GradScaler(backbone.device.type, enabled=bool(fp16))
+def oti_precision(backbone: Backbone, config: OTIConfig) -> str:
+    """The precision an OTI run computes in: the config's, else the backbone's (what fp16 means on
+    this device included, `isearle.precision.effective_precision`)."""
+    return effective_precision(config.precision or backbone.precision, backbone.device)
+
+
+def grad_scaler(backbone: Backbone, config: OTIConfig | None = None) -> torch.amp.GradScaler:
+    """SEARLE's GradScaler when OTI runs under fp16 autocast (gradients of S* would underflow in
+    fp16 otherwise); a pass-through scaler in fp32 / bf16."""
+    return precision_scaler(backbone.device, oti_precision(backbone, config or OTIConfig()))
 
 
 @dataclass
@@ -254,7 +276,7 @@ def invert_steps(
             _project(v, cap)
         ema = v.detach().clone()
         optimizer = torch.optim.AdamW([v], lr=config.lr, weight_decay=config.weight_decay)
-        scaler = grad_scaler(backbone)
+        scaler = grad_scaler(backbone, config)
     yield OTIStep(0, torch.tensor(float("nan")), ema)
     for step in range(config.steps):
         with torch.inference_mode(False), torch.enable_grad():

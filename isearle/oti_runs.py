@@ -34,15 +34,17 @@ def invert_dataset(
     init: torch.Tensor | None = None,
     progress: bool = True,
     on_batch: Callable[[int, float], None] | None = None,
+    recorded: Mapping[str, Any] | None = None,
 ) -> tuple[list[str], torch.Tensor]:
     """OTI over a whole dataset in batches, saved shard by shard so an interrupted run resumes.
 
     Each batch b is seeded with `config.seed + b`, so a resumed run gives the same tokens as an
     uninterrupted one. Shards are safetensors (tokens) + JSON (ids); `load_tokens` merges them.
+    `recorded` settings (the decoding, the unreadable images) go into the run's config.json.
     """
     config = config or OTIConfig()
     out = Path(out_dir)
-    write_run_config(out, config, backbone)
+    write_run_config(out, config, backbone, **(recorded or {}))
     bs = config.batch_size
     n_batches = (len(ids) + bs - 1) // bs
     todo = [b for b in range(n_batches) if not shard_done(out, b, ids[b * bs : (b + 1) * bs])]
@@ -64,10 +66,14 @@ def _remedy(out: Path) -> str:
     return f"run `isearle oti --out {display(out)}` again (it redoes what is missing or damaged)"
 
 
-def write_run_config(out: Path, config: OTIConfig, backbone: Backbone) -> None:
-    """Record a run's settings in out/config.json; a folder holding a run with other settings or
-    another backbone is refused (its shards would mix two kinds of token)."""
-    data = json.loads(json.dumps({**asdict(config), "backbone": backbone.name, "pretrained": backbone.pretrained}))
+def write_run_config(out: Path, config: OTIConfig, backbone: Backbone, **recorded: Any) -> None:
+    """Record a run's settings in out/config.json (the OTI settings, the precision the run computes in,
+    the backbone, and `recorded`: e.g. the image decoding); a folder holding a run with other settings
+    or another backbone is refused (its shards would mix two kinds of token)."""
+    from isearle.oti import oti_precision
+
+    data = json.loads(json.dumps({**asdict(config), "precision": oti_precision(backbone, config),
+                                  "backbone": backbone.name, "pretrained": backbone.pretrained, **recorded}))
     path = out / "config.json"
     if path.is_file():
         try:
@@ -75,13 +81,15 @@ def write_run_config(out: Path, config: OTIConfig, backbone: Backbone) -> None:
         except ArtifactError:
             old = None  # unreadable: the shards' own checks decide what is kept
         if isinstance(old, dict):
-            diff = sorted(k for k in data if k != "batch_size" and k in old and old[k] != data[k])
+            diff = sorted(k for k in data if k not in ("batch_size", "unreadable") and k in old and old[k] != data[k])
             if diff:
                 raise ArtifactError(out, f"holds an OTI run with other settings ({', '.join(diff)} differ)",
                                     "use a new --out folder, or the settings of that run")
             if old.get("batch_size", data["batch_size"]) != data["batch_size"] and any(out.glob("shard_*")):
                 raise ArtifactError(out, f"holds an OTI run in batches of {old['batch_size']}",
                                     f"resume it with --batch-size {old['batch_size']}, or use a new --out folder")
+            recorded = {k: old[k] for k in ("decode", "unreadable") if k in old and k not in data}
+            data.update(recorded)
     write_json(path, data, indent=1)
 
 
@@ -136,11 +144,13 @@ def prepare_run(
     phrase_bank: Mapping[str, Sequence[str]] | None = None,
     init_phi: torch.nn.Module | None = None,
     store_top_k: int = 150,
-) -> tuple[torch.Tensor, list[PhraseTask] | None, torch.Tensor | None]:
-    """What a dataset-scale OTI run needs before its batches: (features, phrase tasks, warm start).
+) -> tuple[list[str], torch.Tensor, list[PhraseTask] | None, torch.Tensor | None, list[str]]:
+    """What a dataset-scale OTI run needs before its batches: (ids read, their features, phrase tasks,
+    warm start, ids of the images that could not be read).
 
     Writes features.safetensors (ids + un-normalised image features, from `extract()` unless a
-    run over the same images is being resumed) and concepts.json (the top `store_top_k` concept
+    run over the same images is being resumed; `extract()` returns the features of every image, or
+    `isearle.images.extract_readable`'s (rows read, features, unreadable)) and concepts.json (the top `store_top_k` concept
     names per image, what phi training reads next). Shared by the local and the Ray paths.
     """
     out = Path(out_dir)
@@ -151,25 +161,35 @@ def prepare_run(
         try:
             tensors, meta = load_tensors(feat_path, "oti-features", "")
             stored, features = json.loads(meta["ids"]), tensors["features"]
+            skipped = json.loads(meta.get("unreadable", "[]"))
         except (ArtifactError, KeyError, ValueError) as err:
             log.warning("%s %s: extracting the features again", display(feat_path), getattr(err, "problem", "is damaged"))
         else:
-            if stored != list(ids):
+            if stored != [i for i in ids if i not in set(skipped)]:
                 raise ArtifactError(out, "holds an OTI run over other images", "use a new --out folder")
+            ids = stored
     if features is None:
-        features = extract()
-        save_tensors(feat_path, {"features": features}, "oti-features", {"ids": json.dumps(list(ids))})
+        got = extract()
+        skipped = []
+        if isinstance(got, tuple):  # (rows read, their features, [(row, reason)] unreadable)
+            rows, features, bad = got
+            skipped = [ids[r] for r, _ in bad]
+            ids = [ids[r] for r in rows]
+        else:
+            features = got
+        save_tensors(feat_path, {"features": features}, "oti-features",
+                     {"ids": json.dumps(list(ids)), "unreadable": json.dumps(skipped)})
     tasks = None
     if concepts is not None:
         names = concepts.top_names(features, store_top_k)
         write_json(out / "concepts.json", dict(zip(ids, names, strict=True)))
         if phrase_bank is not None:
-            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts)
+            tasks = phrase_tasks(names, phrase_bank, config.top_k_concepts, config.concept_match)
     init = None
     if init_phi is not None:
         with torch.inference_mode():
             init = init_phi(features.to(backbone.device)).cpu()
-    return features, tasks, init
+    return list(ids), features, tasks, init, skipped
 
 
 def invert_images(
@@ -184,15 +204,21 @@ def invert_images(
     store_top_k: int = 150,
     batch_size: int = 64,
     progress: bool = True,
+    decode: str = "robust",
 ) -> tuple[list[str], torch.Tensor]:
-    """The dataset-scale OTI run: features, top concepts, then resumable OTI, all kept in `out_dir`."""
-    from isearle.images import extract_features
+    """The dataset-scale OTI run: features, top concepts, then resumable OTI, all kept in `out_dir`.
+
+    Images are decoded with `decode` (`isearle.images`); those that cannot be read are skipped,
+    logged and listed in config.json ("unreadable"), and more than 1 % of them fail the run."""
+    from isearle.images import extract_readable
 
     config = config or OTIConfig()
-    features, tasks, init = prepare_run(
-        backbone, ids, out_dir, lambda: extract_features(backbone, items, batch_size=batch_size, progress=progress),
+    ids, features, tasks, init, skipped = prepare_run(
+        backbone, ids, out_dir,
+        lambda: extract_readable(backbone, items, batch_size=batch_size, progress=progress, decode=decode),
         config, concepts, phrase_bank, init_phi, store_top_k)
-    return invert_dataset(backbone, ids, features, out_dir, config, tasks, init, progress)
+    return invert_dataset(backbone, ids, features, out_dir, config, tasks, init, progress,
+                          recorded={"decode": decode, "unreadable": skipped})
 
 
 def load_run(out_dir: str | Path) -> tuple[list[str], torch.Tensor, torch.Tensor, list[list[str]] | None]:

@@ -22,3 +22,22 @@ CACHE_DIR = Path(os.environ.get("ISEARLE_CACHE", Path.home() / ".cache" / "isear
 def slug(text: str) -> str:
     """A short file-name-safe form of `text` (lower case, [a-z0-9._-], at most 60 characters)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-").lower()[:60] or "gallery"
+
+
+def public_name(value: object) -> str | None:
+    """How a file or folder is named to users and in files that travel (API answers, exported
+    metadata, reports): relative to the project or the working folder when under one, else its
+    folder and its name; never an absolute server path. Tags and names that are not paths pass unchanged."""
+    if value is None:
+        return None
+    text = str(value)
+    path = Path(text)
+    if not path.is_absolute():
+        return text
+    resolved = path.resolve()
+    for root in (REPO_DIR, Path.cwd()):
+        try:
+            return str(resolved.relative_to(root.resolve()))
+        except ValueError:
+            continue
+    return str(Path(*[p for p in path.parts[-2:] if p != path.anchor]))

@@ -33,6 +33,7 @@ from isearle.artifacts import tensors_digest
 from isearle.backbone import Backbone
 from isearle.oti import cosine_loss, replace_concept, usable_concepts
 from isearle.phi import Phi, save_phi
+from isearle.precision import compute_autocast, effective_precision, grad_scaler
 from isearle.pseudo_word import encode_tokens, tokenize_prompts
 from isearle.resume import digest_rows, load_state, save_state
 
@@ -59,6 +60,11 @@ class PhiTrainConfig:
     seed: int = 0
     #: score phi with the validation function every `val_every` epochs (0: never; SEARLE: 1, on CIRR val)
     val_every: int = 0
+    #: `isearle.precision.COMPUTE_PRECISIONS`: "fp16" is SEARLE's train_phi.py (fp16 autocast + GradScaler
+    #: over phi, NT-Xent and the GPT loss, fp32 input features); None: the backbone's (fp16 on CUDA, fp32 on CPU).
+    precision: str | None = None
+    #: How a concept is found in its GPT phrases (`isearle.oti.CONCEPT_MATCHES`): "word" (ours), "substring" (SEARLE).
+    concept_match: str = "word"
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +115,8 @@ class PhraseSampler:
     mention of the concept replaced by " $ " (S* takes the first "$", as in SEARLE's encoder)."""
 
     def __init__(self, image_concepts: Sequence[Sequence[str]], phrase_bank: Mapping[str, Sequence[str]],
-                 top_k: int) -> None:
-        self.bank, self.usable = phrase_bank, usable_concepts(phrase_bank)
+                 top_k: int, match: str = "word") -> None:
+        self.bank, self.usable, self.match = phrase_bank, usable_concepts(phrase_bank, match), match
         self.concepts = [list(c)[:top_k] for c in image_concepts]
         # an image none of whose top-k concepts is usable has no phrase (SEARLE would redraw forever)
         self.has_phrase = [any(c in self.usable for c in cs) for cs in self.concepts]
@@ -126,11 +132,19 @@ class PhraseSampler:
                 concept = rng.choice(top)
             concepts.append(concept)
         phrases = [rng.choice(self.bank[c]) for c in concepts]
-        pseudo = [replace_concept(p, c, count=0) for p, c in zip(phrases, concepts, strict=True)]
+        pseudo = [replace_concept(p, c, count=0, match=self.match) for p, c in zip(phrases, concepts, strict=True)]
         return rows, phrases, pseudo
 
 
-def _phrase_targets(backbone: Backbone, sampler: PhraseSampler | None, chunk: int = 256) -> dict[str, torch.Tensor]:
+def _encode_phrases(backbone: Backbone, phrases: Sequence[str], precision: str) -> torch.Tensor:
+    """Text features of phrases under the training precision's autocast (SEARLE encodes its targets
+    inside the step's autocast)."""
+    with torch.no_grad(), compute_autocast(backbone.device, precision):
+        return encode_tokens(backbone, backbone.tokenize(phrases)).float()
+
+
+def _phrase_targets(backbone: Backbone, sampler: PhraseSampler | None, chunk: int = 256,
+                    precision: str = "fp32") -> dict[str, torch.Tensor]:
     """Text features of every phrase the sampler can draw, encoded once in a fixed order: a phrase's
     feature then never depends on which others shared its batch, so a resumed run matches bit for bit."""
     if sampler is None:
@@ -138,10 +152,9 @@ def _phrase_targets(backbone: Backbone, sampler: PhraseSampler | None, chunk: in
     concepts = sorted({c for cs in sampler.concepts for c in cs if c in sampler.usable})
     phrases = sorted({p for c in concepts for p in sampler.bank[c]})
     cache: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for s in range(0, len(phrases), chunk):
-            part = phrases[s : s + chunk]
-            cache.update(zip(part, backbone.encode_texts(part), strict=True))
+    for s in range(0, len(phrases), chunk):
+        part = phrases[s : s + chunk]
+        cache.update(zip(part, _encode_phrases(backbone, part, precision), strict=True))
     return cache
 
 
@@ -152,9 +165,8 @@ def _gpt_loss(backbone: Backbone, pred: torch.Tensor, sampler: PhraseSampler, id
         return None
     missing = [p for p in dict.fromkeys(phrases) if p not in cache]
     if missing:  # phrase targets are constant: encode each once
-        with torch.no_grad():
-            for p, f in zip(missing, backbone.encode_texts(missing), strict=True):
-                cache[p] = f
+        for p, f in zip(missing, backbone.encode_texts(missing), strict=True):
+            cache[p] = f
     targets = torch.stack([cache[p] for p in phrases])
     tokens = tokenize_prompts(backbone, pseudo, repeats=True)
     feats = encode_tokens(backbone, tokens, pred[rows]).float()
@@ -209,13 +221,16 @@ def train_phi(
     validate: Callable[[Phi], float] | None = None,
     selection: Selection | None = None,
     checkpoint: str | Path | None = None,
+    records: TrainingRecords | None = None,
 ) -> tuple[Phi, list[dict[str, float]]]:
     """Distil phi from OTI tokens; returns phi (eval mode, last epoch) and per-epoch mean losses.
 
     With `validate` (phi -> metric, higher is better) and `config.val_every`, the metric is logged in
     the history ("val") and the best weights are kept in `selection`. With `checkpoint` (a file) and
     no validation, the training state is saved after every epoch (`isearle.resume`): a run killed at
-    any moment continues from its last epoch and ends with the same phi.
+    any moment continues from its last epoch and ends with the same phi. `records` writes the
+    per-epoch CSV and the periodic checkpoints. The step runs in `config.precision` (or the
+    backbone's): under fp16, SEARLE's autocast + GradScaler; fp32 input features in every case.
     """
     config = config or PhiTrainConfig()
     n = image_features.shape[0]
@@ -225,17 +240,19 @@ def train_phi(
     torch.manual_seed(config.seed)
     rng, nrng = random.Random(config.seed), np.random.default_rng(config.seed)
     device = backbone.device
+    precision = effective_precision(config.precision or backbone.precision, device)
     phi = (phi or Phi.for_backbone(backbone.embed_dim, backbone.token_width, config.dropout)).to(device).train()
     optimizer = torch.optim.AdamW(phi.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     sampler = None
     if image_concepts is not None and phrase_bank is not None and config.lambda_gpt > 0:
-        sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts)
+        sampler = PhraseSampler(image_concepts, phrase_bank, config.top_k_concepts, config.concept_match)
     vocab = backbone.token_embedding.weight.detach()
     features, targets = image_features.float().cpu(), oti_tokens.float().cpu()
-    cache, history = _phrase_targets(backbone, sampler), []
+    scaler = grad_scaler(device, precision)
+    cache, history = _phrase_targets(backbone, sampler, precision=precision), []
     start, job = 0, None
     if checkpoint is not None and validate is None:
-        job = {"what": "train-phi", "config": asdict(config), "features": tensors_digest({"f": features}),
+        job = {"what": "train-phi", "config": asdict(config) | {"precision": precision}, "features": tensors_digest({"f": features}),
                "targets": tensors_digest({"t": targets}), "phi": tensors_digest(phi.state_dict()),
                "concepts": digest_rows(image_concepts),
                "phrases": digest_rows(sorted(phrase_bank.items())) if sampler is not None else None}
@@ -247,10 +264,12 @@ def train_phi(
         batches = _batches(features, config, nrng)
         sums: dict[str, float] = {"distil": 0.0, "gpt": 0.0, "reg": 0.0, "loss": 0.0}
         for idx in batches:
-            losses = phi_step(backbone, phi, features, targets, idx, config, sampler, rng, cache, vocab)
+            with compute_autocast(device, precision):
+                losses = phi_step(backbone, phi, features, targets, idx, config, sampler, rng, cache, vocab)
             optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            scaler.scale(losses["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
             for key, val in losses.items():
                 sums[key] += 0.0 if val is None else float(val.detach()) / len(batches)
         if validate is not None and config.val_every > 0 and epoch % config.val_every == 0:
@@ -261,9 +280,45 @@ def train_phi(
                 selection.epoch, selection.metric = epoch, sums["val"]
                 selection.state = copy.deepcopy({k: v.detach().cpu() for k, v in phi.state_dict().items()})
         history.append(sums)
+        if records is not None:
+            records.write(epoch, phi, history)
         if job is not None:
             save_state(checkpoint, job, epoch, phi, optimizer, rng, nrng, history)
     return phi.eval(), history
+
+
+@dataclass
+class TrainingRecords:
+    """What a training run leaves while it runs, as SEARLE's train_phi.py does: the per-epoch metrics
+    as a CSV (rewritten atomically after every epoch: a plot reads it directly, a crash never leaves
+    half a line) and phi every `save_every` epochs (`{stem}.epoch{N}.safetensors`; 0: none)."""
+
+    out: Path
+    save_every: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out.with_name(f"{self.out.stem}.metrics.csv")
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        return self.out.with_name(f"{self.out.stem}.epoch{epoch:03d}.safetensors")
+
+    def write(self, epoch: int, phi: Phi, history: Sequence[Mapping[str, float]]) -> None:
+        import csv
+        import io
+
+        from isearle.artifacts import write_text
+
+        columns = ["epoch", "loss", "distil", "gpt", "reg", "val"]
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(columns)
+        for e, row in enumerate(history, start=1):
+            writer.writerow([e] + [repr(float(row[c])) if c in row else "" for c in columns[1:]])
+        write_text(self.csv_path, buf.getvalue())
+        if self.save_every > 0 and epoch % self.save_every == 0:
+            save_phi(copy.deepcopy(phi).cpu().eval(), self.checkpoint_path(epoch), {**self.extra, "epoch": epoch})
 
 
 def last_path(out: str | Path) -> Path:

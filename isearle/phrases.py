@@ -1,45 +1,70 @@
 """Phrases: short texts "a photo of {concept} that ..." used by the GPT loss of OTI and phi.
 
-SEARLE samples them from GPT-Neo 2.7B (256 per concept, max length 35, temperature 0.5,
-no_repeat_ngram_size 2; newlines become ". ") and drops a concept when a phrase loses it. Any
+SEARLE samples them from GPT-Neo 2.7B (256 per concept in one call, max length 35, temperature 0.5,
+no_repeat_ngram_size 2, fp16 on CUDA) and prepares each as src/gpt_phrases_generation.py does:
+runs of newlines -> ". ", runs of dots -> ".", duplicates kept (they weight the draw of L_gpt); a concept one of
+whose phrases lost it is dropped when the bank is used. Two preparations (`PHRASE_STYLES`):
+"searle" exactly that; "isearle" (the default) replaces each newline alone, normalises spaces,
+drops duplicates, and drops the concept already when the bank is made. In both, phrases that
+hold the placeholder "$" are dropped (SEARLE's encoder would take their "$" for S*). Any
 transformers causal LM can be configured; offline, a generator needs no download: the shapes
 world's grammar, or templated continuations for other vocabularies.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from isearle.artifacts import ArtifactError, display, read_json, write_json
+from isearle.artifacts import ArtifactError, display, read_json, write_json, write_text
 from isearle.backbone import PLACEHOLDER, WeightsUnavailable
 from isearle.oti import replace_concept
 from isearle.runtime import hub_offline
 
 PROMPT = "a photo of {} that"
+#: How generated texts become a bank (module docstring).
+PHRASE_STYLES = ("searle", "isearle")
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class LMConfig:
-    """Sampling settings of the paper (SEARLE, Sec. 4.1)."""
+    """Sampling settings of the paper (SEARLE, Sec. 4.1, and src/gpt_phrases_generation.py)."""
 
     model: str = "EleutherAI/gpt-neo-2.7B"
     samples: int = 256
     max_length: int = 35
     temperature: float = 0.5
     no_repeat_ngram_size: int = 2
-    batch_size: int = 32
+    #: sequences per `generate` call (SEARLE: all 256 of a concept in one call)
+    batch_size: int = 256
     seed: int = 0
+    #: "cuda" when present, else "cpu" (None); fp16 weights on CUDA, as SEARLE's utils.dtype
+    device: str | None = None
+
+
+def process_phrase(text: str, style: str = "isearle") -> str:
+    """One generated text as a phrase of the bank: "searle" as gpt_phrases_generation.py's
+    `process_phrase` (runs of newlines -> ". ", runs of dots -> "."); "isearle" each newline -> ". ",
+    spaces normalised."""
+    if style == "searle":
+        return re.sub(r"\.+", ".", re.sub(r"(\n)+", ". ", text))
+    if style != "isearle":
+        raise ValueError(f"unknown phrase style {style!r}: use one of {', '.join(PHRASE_STYLES)}")
+    return " ".join(text.replace("\n", ". ").split())
 
 
 def keep_valid(concept: str, phrases: Sequence[str]) -> list[str]:
-    """Phrases that still name the concept as a standalone word (others can't hold "$")."""
+    """Phrases that still name the concept as a standalone word (others can't hold "$"), spaces
+    normalised and duplicates dropped (the "isearle" style)."""
     return [p for p in dict.fromkeys(" ".join(p.split()) for p in phrases) if replace_concept(p, concept)]
 
 
@@ -65,7 +90,8 @@ def load_phrase_bank(path: str | Path) -> dict[str, list[str]]:
 
 
 def lm_generator(config: LMConfig) -> Callable[[str], list[str]]:
-    """Concept -> phrases from a transformers causal LM (loaded once)."""
+    """Concept -> raw generated texts from a transformers causal LM (loaded once: fp16 on CUDA when
+    present, as SEARLE; fp32 on CPU), `config.batch_size` sequences per call."""
     try:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,15 +103,17 @@ def lm_generator(config: LMConfig) -> Callable[[str], list[str]]:
         if not isinstance(try_to_load_from_cache(config.model, "config.json"), str):
             raise WeightsUnavailable(f"{config.model} is not cached and the hub is offline: "
                                      f"use --generator offline or run once online")
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
     tok = AutoTokenizer.from_pretrained(config.model)
-    model = AutoModelForCausalLM.from_pretrained(config.model).eval()
+    model = AutoModelForCausalLM.from_pretrained(config.model, torch_dtype=dtype).to(device).eval()
     tok.pad_token = tok.pad_token or tok.eos_token
     torch.manual_seed(config.seed)
+    log.info("phrase generator %s on %s (%s), %d sequences per call", config.model, device, dtype, config.batch_size)
 
     def generate(concept: str) -> list[str]:
-        prompt = PROMPT.format(concept)
         out: list[str] = []
-        ids = tok(prompt, return_tensors="pt")
+        ids = tok(PROMPT.format(concept), return_tensors="pt").to(device)
         for start in range(0, config.samples, config.batch_size):
             n = min(config.batch_size, config.samples - start)
             with torch.no_grad():
@@ -93,7 +121,7 @@ def lm_generator(config: LMConfig) -> Callable[[str], list[str]]:
                                       max_length=config.max_length, num_return_sequences=n,
                                       no_repeat_ngram_size=config.no_repeat_ngram_size,
                                       pad_token_id=tok.pad_token_id)
-            out += [t.replace("\n", ". ") for t in tok.batch_decode(seqs, skip_special_tokens=True)]
+            out += tok.batch_decode(seqs, skip_special_tokens=True)
         return out
 
     return generate
@@ -116,26 +144,85 @@ def offline_generator(samples: int = 16, seed: int = 0) -> Callable[[str], list[
     return lambda concept: [f"{PROMPT.format(concept)} {c}" for c in rng.sample(OFFLINE_CONTINUATIONS, samples)]
 
 
+def _journal(path: Path) -> Path:
+    return path.with_name(path.name + ".partial.jsonl")
+
+
+def _read_journal(path: Path) -> dict[str, list[str]]:
+    """Concepts finished by an interrupted run: one JSON line each (a torn last line is ignored)."""
+    done: dict[str, list[str]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                done[str(row["concept"])] = [str(p) for p in row["phrases"]]
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _check_settings(path: Path, settings: dict) -> None:
+    """A bank is resumed only with the settings it was started with (its `.settings.json`)."""
+    side = path.with_name(path.name + ".settings.json")
+    if side.is_file():
+        old = read_json(side, f"delete {display(side)} and {display(path)} to start over")
+        if old != settings:
+            diff = sorted(k for k in settings if old.get(k) != settings[k])
+            raise ArtifactError(path, f"was made with other settings ({', '.join(diff)} differ)",
+                                "use a new --out file, or the settings it was made with")
+    write_text(side, json.dumps(settings, sort_keys=True))
+
+
 def generate_phrases(concepts: Sequence[str], generator: Callable[[str], list[str]],
-                     cache: str | Path | None = None, progress: bool = True) -> dict[str, list[str]]:
-    """{concept: phrases}, [] for concepts dropped because a phrase lost them; resumable through a JSON cache."""
+                     cache: str | Path | None = None, progress: bool = True, style: str = "isearle",
+                     settings: Mapping[str, object] | None = None) -> dict[str, list[str]]:
+    """{concept: phrases}, prepared in `style` (`PHRASE_STYLES`), resumable by concept through `cache`.
+
+    "isearle": [] marks a concept dropped because a phrase lost it; "searle": every phrase is kept
+    (duplicates included) and the filter runs where the bank is used, as in SEARLE. Finished
+    concepts are appended to `{cache}.partial.jsonl` as they come, so a killed multi-hour run loses at
+    most one concept; the bank JSON is written at the end. `settings` (the generator's) and `style`
+    are recorded beside the bank: resuming with others is refused."""
+    if style not in PHRASE_STYLES:
+        raise ValueError(f"unknown phrase style {style!r}: use one of {', '.join(PHRASE_STYLES)}")
     path = Path(cache) if cache else None
-    bank = load_phrase_bank(path) if path and path.exists() else {}
-    dropped = 0
-    for i, concept in enumerate(tqdm(concepts, desc="phrases", disable=not progress)):
-        if concept in bank:
-            continue
-        generated = generator(concept)
-        raw = [p for p in generated if PLACEHOLDER not in p]  # "$" is the placeholder: see without_placeholder
-        dropped += len(generated) - len(raw)
-        valid = keep_valid(concept, raw)
-        complete = len(valid) == len(dict.fromkeys(" ".join(p.split()) for p in raw))
-        bank[concept] = valid if complete else []  # [] marks a dropped concept (kept for resuming)
-        if path and i % 50 == 49:
-            write_json(path, bank)
+    bank: dict[str, list[str]] = {}
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        bank = load_phrase_bank(path) if path.exists() else {}
+        _check_settings(path, {"style": style, **(settings or {})})
+        bank.update(_read_journal(_journal(path)))
+    dropped, made, started = 0, 0, time.perf_counter()
+    journal = open(_journal(path), "a", encoding="utf-8") if path else None  # noqa: SIM115 (closed below)
+    try:
+        bar = tqdm(concepts, desc="phrases", disable=not progress, unit="concept")
+        for concept in bar:
+            concept = concept.strip()  # SEARLE strips the display name before the prompt
+            if concept in bank:
+                continue
+            generated = [process_phrase(p, style) for p in generator(concept)]
+            made += len(generated)
+            raw = [p for p in generated if PLACEHOLDER not in p]  # "$" is the placeholder: see without_placeholder
+            dropped += len(generated) - len(raw)
+            if style == "searle":
+                bank[concept] = raw
+            else:
+                valid = keep_valid(concept, raw)
+                complete = len(valid) == len(dict.fromkeys(" ".join(p.split()) for p in raw))
+                bank[concept] = valid if complete else []  # [] marks a dropped concept (kept for resuming)
+            if journal is not None:
+                journal.write(json.dumps({"concept": concept, "phrases": bank[concept]}) + "\n")
+                journal.flush()
+            bar.set_postfix(phrases_per_s=f"{made / max(time.perf_counter() - started, 1e-9):.1f}", refresh=False)
+    finally:
+        if journal is not None:
+            journal.close()
+    seconds = time.perf_counter() - started
+    if made:
+        log.info("generated %d phrases in %.1f s (%.1f phrases/s)", made, seconds, made / max(seconds, 1e-9))
     if dropped:
         log.warning('dropped %d generated phrase(s) containing "%s"', dropped, PLACEHOLDER)
     if path:
         write_json(path, bank, indent=0)
+        _journal(path).unlink(missing_ok=True)
     return bank
-

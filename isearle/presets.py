@@ -25,6 +25,19 @@ class Preset:
     name: str
     oti: Mapping[str, Any] = field(default_factory=dict)
     phi: Mapping[str, Any] = field(default_factory=dict)
+    #: SEARLE's mixed precision: OTI and phi training in fp16 autocast + GradScaler on CUDA (fp32 on CPU)
+    #: wherever the command would otherwise run another precision (`isearle eval --method oti`).
+    mixed_precision: bool = False
+    #: The image decoding of its dataset commands (`isearle.images.DECODES`); `isearle eval` uses "searle".
+    decode: str = "robust"
+    #: How its phrase banks are prepared (`isearle.phrases.PHRASE_STYLES`).
+    phrases: str = "isearle"
+
+    def precision(self, device: Any) -> str | None:
+        """The OTI / phi-training precision of this recipe on `device` (None: the backbone's own)."""
+        from isearle.precision import default_compute_precision
+
+        return default_compute_precision(device) if self.mixed_precision else None
 
     def oti_config(self, **overrides: Any) -> OTIConfig:
         """`OTIConfig` of this preset; `overrides` set to None are ignored (options not given)."""
@@ -47,8 +60,9 @@ PRESETS: Mapping[str, Preset] = MappingProxyType({
     "isearle": Preset("isearle"),
     "searle": Preset(
         "searle",
-        oti={"gamma": 0.0, "max_norm": 0.0},
-        phi={"hard_negatives": False, "lambda_reg": 0.0, "reg_form": "none"},
+        oti={"gamma": 0.0, "max_norm": 0.0, "concept_match": "substring"},
+        phi={"hard_negatives": False, "lambda_reg": 0.0, "reg_form": "none", "concept_match": "substring"},
+        mixed_precision=True, decode="searle", phrases="searle",
     ),
 })
 DEFAULT_PRESET = "isearle"

@@ -28,7 +28,7 @@ DECODE_SCALE = 1.5
 #: ... and never below this many pixels: pictures up to this size (the demo's 256-px gallery
 #: pictures, a 640x480 photo) are decoded as they are, so their content key does not depend on the model.
 MIN_DECODE = 256
-
+MIN_SIDE = 32  # px: below this a reference holds too little to invert (it is upscaled to the model's input)
 
 _MODE_NOTES = {
     "RGBA": "the image has transparency: transparent areas were filled with white",
@@ -120,6 +120,9 @@ def load_reference(source: str | Path | bytes | Image.Image, size: int | None = 
             notes.append("EXIF orientation applied: the image was turned the way the camera recorded it")
         if frames > 1:
             notes.append(f"animated image: only the first of its {frames} frames was used")
+    if min(image.size) < MIN_SIDE:
+        notes.append(f"the image is only {image.width}×{image.height} px: results mean little below "
+                     f"{MIN_SIDE} px a side; use a larger image")
     return image, notes
 
 

@@ -195,9 +195,10 @@ class Retriever:
                 raise BadRequest("no phi network is loaded: choose OTI or load a phi checkpoint")
             self.tokens.put(self._token_key(ref.key, method, oti), token)
         elif method == "oti":
-            for state in tqdm(self.oti_steps(ref, oti), total=oti.steps + 1, desc="OTI", leave=False,
-                              disable=not progress):
-                token = state.token
+            with tqdm(total=oti.steps, desc="OTI", leave=False, disable=not progress) as bar:
+                for state in self.oti_steps(ref, oti):  # step 0 (the start) is no step: the bar counts `steps`
+                    token = state.token
+                    bar.update(1 if state.step > 0 else 0)
             token = token[0].detach()  # oti_steps cached it
         else:
             raise BadRequest(f"no pseudo-word for method {method!r}")

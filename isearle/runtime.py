@@ -24,13 +24,22 @@ def cpu_quota() -> int:
     return quota
 
 
+_torch_threads = 0  # the count `set_threads` chose last (0: never called)
+
+
+def torch_threads() -> int:
+    """The torch thread count `set_threads` chose last, else the CPU quota: what a query should run with."""
+    return _torch_threads or cpu_quota()
+
+
 def set_threads(threads: int = 0, faiss_threads: int | None = 1) -> int:
     """torch's intra-op threads = `threads` (0: the CPU quota); FAISS's = `faiss_threads` (None: unchanged).
 
     One query's FAISS search runs best single-threaded (OpenMP start-up costs more than it saves);
     `GalleryIndex` raises FAISS's count for batched work itself. Returns torch's thread count.
     """
-    n = threads or cpu_quota()
+    global _torch_threads
+    n = _torch_threads = threads or cpu_quota()
     torch.set_num_threads(n)
     if faiss_threads is not None:
         try:

@@ -30,7 +30,7 @@ import torch
 from isearle import paths
 from isearle.artifacts import write_bytes
 from isearle.backbone import BUNDLED_WEIGHTS, Backbone, load_backbone
-from isearle.images import embed_images, thumbnail_jpeg
+from isearle.images import check_unreadable, embed_images, thumbnail_jpeg
 from isearle.index import GalleryIndex, IndexConfig
 from isearle.oti import OTIConfig, invert
 from isearle.oti_runs import load_tokens, prepare_run, save_shard, shard_done, write_run_config
@@ -140,11 +140,12 @@ class _EncodeWorker:
     """Actor: image features of global batches (strict like `extract_features`, or gallery mode)."""
 
     def __init__(self, spec: BackboneSpec, items: list, batch_size: int, gallery: bool, thumbnails: bool,
-                 device: str, threads: int) -> None:
+                 device: str, threads: int, skip: bool = False, decode: str = "robust") -> None:
         set_threads(threads, faiss_threads=None)
         self.backbone = spec.load(device)
         self.items = _ray().get(items[0])
         self.batch_size, self.gallery, self.thumbnails = batch_size, gallery, thumbnails
+        self.skip, self.decode = skip or gallery, decode
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out: dict[str, list] = {"row": [], "ok": [], "features": [], "thumb": [], "error": []}
@@ -160,7 +161,8 @@ class _EncodeWorker:
                     thumbs[row] = thumbnail_jpeg(image)
 
             rows, feats, bad = next(embed_images(self.backbone, sources, len(sources), 0, False,
-                                                 skip_unreadable=self.gallery, on_image=keep_thumbnail))
+                                                 skip_unreadable=self.skip, on_image=keep_thumbnail,
+                                                 decode=self.decode))
             by_row = {r: j for j, r in enumerate(rows)}
             errors = dict(bad)
             for r in range(len(chunk)):
@@ -176,11 +178,12 @@ class _EncodeWorker:
 
 
 def _encode(backbone: Backbone, items: Sequence, batch_size: int, gallery: bool, thumbnails: bool,
-            num_workers: int | None, threads: int, progress: bool) -> dict[str, np.ndarray]:
+            num_workers: int | None, threads: int, progress: bool, skip: bool = False,
+            decode: str = "robust") -> dict[str, np.ndarray]:
     ray = _ray()
     n_batches = (len(items) + batch_size - 1) // batch_size
     ctor = {"spec": BackboneSpec.of(backbone), "items": [ray.put(list(items))], "batch_size": batch_size,
-            "gallery": gallery, "thumbnails": thumbnails}
+            "gallery": gallery, "thumbnails": thumbnails, "skip": skip, "decode": decode}
     parts = list(_map(range(n_batches), _EncodeWorker, ctor, num_workers, threads, progress))
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.argsort(merged["row"], kind="stable")
@@ -208,6 +211,7 @@ def ray_build_gallery_index(
     threads: int = 1,
     thumbnails: str | Path | None = None,
     progress: bool = True,
+    decode: str = "robust",
 ) -> GalleryIndex:
     """`build_gallery_index` with the embedding on Ray Data; the same index, ids and metadata.
 
@@ -216,9 +220,10 @@ def ray_build_gallery_index(
     """
     from isearle.indexing import items_and_index
 
-    items, index = items_and_index(backbone, images, index, config)
+    items, index = items_and_index(backbone, images, index, config, decode)
     with ray_session(address, num_workers, threads):
-        out = _encode(backbone, items, batch_size, True, thumbnails is not None, num_workers, threads, progress)
+        out = _encode(backbone, items, batch_size, True, thumbnails is not None, num_workers, threads, progress,
+                      decode=decode)
     thumb_dir = Path(thumbnails) / "thumbs" if thumbnails is not None else None
     if thumb_dir is not None:
         thumb_dir.mkdir(parents=True, exist_ok=True)
@@ -293,8 +298,10 @@ def ray_oti(
     num_workers: int | None = None,
     threads: int = 1,
     progress: bool = True,
+    decode: str = "robust",
 ) -> tuple[list[str], torch.Tensor]:
-    """`isearle.oti_runs.invert_images` on Ray Data: same files in `out_dir`, same tokens, resumable.
+    """`isearle.oti_runs.invert_images` on Ray Data: same files in `out_dir`, same tokens, resumable;
+    unreadable images skipped and recorded as there.
 
     Features are extracted by an actor pool (`batch_size` images per unit), concepts, phrase tasks
     and the phi warm start are computed on the driver, then OTI batches (`config.batch_size`) run
@@ -305,12 +312,18 @@ def ray_oti(
     out.mkdir(parents=True, exist_ok=True)
     ids = [str(i) for i in ids]
     with ray_session(address, num_workers, threads):
-        features, tasks, init = prepare_run(
-            backbone, ids, out,
-            lambda: torch.from_numpy(_encode(backbone, items, batch_size, False, False, num_workers,
-                                             threads, progress)["features"]),
-            config, concepts, phrase_bank, init_phi, store_top_k)
-        write_run_config(out, config, backbone)
+        def extract() -> tuple[list[int], torch.Tensor, list[tuple[int, str]]]:
+            got = _encode(backbone, items, batch_size, False, False, num_workers, threads, progress, skip=True,
+                          decode=decode)
+            ok = got["ok"].tolist()
+            bad = [(r, str(got["error"][r])) for r, good in enumerate(ok) if not good]
+            check_unreadable([(ids[r], e) for r, e in bad], len(ids))
+            rows = [r for r, good in enumerate(ok) if good]
+            return rows, torch.from_numpy(got["features"][rows]), bad
+
+        ids, features, tasks, init, skipped = prepare_run(backbone, ids, out, extract, config, concepts, phrase_bank,
+                                                          init_phi, store_top_k)
+        write_run_config(out, config, backbone, decode=decode, unreadable=skipped)
         bs = config.batch_size
         n_batches = (len(ids) + bs - 1) // bs
         pending = [b for b in range(n_batches) if not shard_done(out, b, ids[b * bs : (b + 1) * bs])]

@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from PIL import Image
 
 from isearle.backbone import Backbone, canonical_name, load_backbone
@@ -32,7 +31,7 @@ from isearle.oti import OTIConfig
 from isearle.phi import Phi, resolve_phi
 from isearle.reference import Reference, item_key, load_reference
 from isearle.retrieval import Hit, Retriever
-from isearle.runtime import set_threads
+from isearle.runtime import set_threads, torch_threads
 from isearle.shapes.vocabulary import SHAPES_MODELS, trained_token_ids, world_token_ids
 from isearle.tuning import tune
 from isearle.vocabulary import TokenTable, readable_token
@@ -64,7 +63,6 @@ class Session:
         self.oti_settings: dict = dict(phi.oti_settings) if phi is not None else {}
         self.trained_only = trained_only
         self.vocabulary = vocabulary or ("shapes" if self.shapes else "imagenet")
-        self.threads = torch.get_num_threads()  # after `runtime.set_threads()`: the CPU quota
         self._bank, self._table = bank, None
         self._lock = threading.Lock()
 
@@ -180,20 +178,22 @@ class Session:
 
     def search(self, ref: Reference | Image.Image | None, caption: str, k: int = 10, method: str = "phi",
                oti: OTIConfig | None = None, exclude: Sequence[str] = (), progress: bool = False) -> list[Hit]:
-        """Top-k gallery hits of a composed query (the reference's own item left out), torch's thread
-        count put back after the search.
+        """Top-k gallery hits of a composed query (the reference's own item left out), run with the
+        process's torch thread count (`runtime.torch_threads`) and that count put back afterwards.
 
-        A FAISS search sets OpenMP's thread count to 1 for this thread (faiss.omp_set_num_threads),
+        A FAISS search sets OpenMP's thread count to 1 for the calling thread (faiss.omp_set_num_threads),
         which torch reads too: without this, every later query in the same worker thread would run
-        torch single-threaded.
+        torch single-threaded, and a query's numbers would depend on which thread ran it (the thread
+        count changes the order of fp32 sums).
         """
         if isinstance(ref, Reference):
             exclude = [*exclude, *ref.exclude]
+        set_threads(torch_threads(), faiss_threads=None)
         try:
             feature = self.retriever.query_feature(ref, caption, method, oti, progress)
             return self.retriever.search(feature, k, exclude)
         finally:
-            set_threads(self.threads, faiss_threads=None)
+            set_threads(torch_threads(), faiss_threads=None)
 
 
 def load_service(gallery: str | Path = DEFAULTS.gallery, model: str | None = None, pretrained: str | None = None,

@@ -37,3 +37,12 @@ def _isolated_cache(tmp_path, monkeypatch):
     import isearle.paths
 
     monkeypatch.setattr(isearle.paths, "CACHE_DIR", tmp_path / "isearle-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_file(tiny, tmp_path_factory) -> Backbone:
+    """The tiny CLIP loaded from a weights file: weights with an id (a file digest), so disk caches keep
+    its outputs (random-init weights have no cache key)."""
+    path = tmp_path_factory.mktemp("weights") / "isearle-tiny-test.pt"
+    torch.save(tiny.model.state_dict(), path)
+    return load_backbone("isearle-tiny-test", str(path), device="cpu")

@@ -21,7 +21,7 @@ CHROMIUM = os.environ.get("ISEARLE_CHROMIUM") or shutil.which("chromium") or "/u
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
         "--disable-component-update", "--no-first-run", "--disable-sync"]
 
-EXAMPLE = 2  # which example reference the test picks (the README screenshot shows it)
+EXAMPLE = 4  # which example reference the test picks (the README screenshot shows it: 3 of 5 answers found)
 
 pytestmark = pytest.mark.browser
 
@@ -60,7 +60,7 @@ def test_pick_example_type_caption_see_results_and_panel(app, tmp_path):
         assert examples.count() >= 8
         examples.nth(EXAMPLE).click()
         page.locator("#reference img").first.wait_for(timeout=20_000)
-        caption = page.get_by_label("Relative caption")
+        caption = page.locator("#caption textarea")
         text = caption.input_value()
         assert text  # the example's caption came with it; type it again, as a user would
         caption.fill("")
@@ -169,5 +169,7 @@ def test_inspect_report_opens_from_file(tmp_path):
             thumbs = page.locator("img.thumb")
             assert thumbs.count() == 3 and thumbs.first.evaluate("img => img.naturalWidth") > 0
             assert "‖S*‖ mean" in page.locator("#summary").inner_text()
+            assert page.locator("#settings dt").count() >= 4  # a readable header, not a JSON dump
+            assert page.locator("td.retrieved img").count() == 3 * len(method) * 2  # what each S* retrieves
         finally:
             browser.close()

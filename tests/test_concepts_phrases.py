@@ -2,6 +2,7 @@
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +88,8 @@ def test_concept_bank_save_load_round_trip(tiny, tmp_path):
         ConceptBank(NAMES[:2], bank.features)
 
 
-def test_concept_bank_is_cached_on_disk(tiny, tmp_path, monkeypatch):
+def test_concept_bank_is_cached_on_disk(tiny_file, tmp_path, monkeypatch):
+    tiny = tiny_file
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(NAMES), encoding="utf-8")
     first = concept_bank(tiny, str(vocab), cache_dir=tmp_path / "banks", progress=False)
@@ -171,3 +173,110 @@ def test_phrases_with_a_dollar_are_dropped_when_made_and_when_loaded(tmp_path, c
     path.write_text("[1, 2]")
     with pytest.raises(ValueError, match="isearle phrases"):
         load_phrase_bank(path)
+
+
+@pytest.mark.parametrize("part", ["weights", "precision", "templates", "vocabulary"])
+def test_each_part_of_the_concept_bank_key_misses_the_cache(tiny_file, tmp_path, part):
+    """A bank built with other weights, in another precision, with other templates or from another
+    vocabulary file's content is never read back."""
+    import dataclasses
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(NAMES), encoding="utf-8")
+    banks = tmp_path / "banks"
+    concept_bank(tiny_file, str(vocab), cache_dir=banks, progress=False)
+    concept_bank(tiny_file, str(vocab), cache_dir=banks, progress=False)
+    assert len(list(banks.glob("*.safetensors"))) == 1  # the same settings hit
+    backbone, templates = tiny_file, TEMPLATES
+    if part == "weights":
+        other = tmp_path / "retrained.pt"
+        other.write_bytes(Path(tiny_file.pretrained).read_bytes() + b"\0")  # same tag, other file content
+        backbone = dataclasses.replace(tiny_file, pretrained=str(other))
+    elif part == "precision":
+        backbone = dataclasses.replace(tiny_file, precision="bf16")
+    elif part == "templates":
+        templates = TEMPLATES[:3]
+    else:
+        vocab.write_text("\n".join(NAMES[:-1]), encoding="utf-8")
+    concept_bank(backbone, str(vocab), cache_dir=banks, progress=False, templates=templates)
+    assert len(list(banks.glob("*.safetensors"))) == 2
+
+
+# -------------------------------------------------------------------- phrase generation at scale
+def test_phrase_generation_resumes_concept_by_concept_after_a_kill(tmp_path, caplog):
+    """A multi-hour run killed mid-way keeps every finished concept (a journal line each) and the next
+    run generates only the rest; the settings it was started with are kept, other ones refused; the
+    log says the throughput."""
+    from isearle.artifacts import ArtifactError
+
+    calls: list[str] = []
+    killed: list[bool] = []
+
+    def generator(concept: str) -> list[str]:
+        if concept == "cat" and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt
+        calls.append(concept)
+        return [f"a photo of {concept} that runs\n\nfast..", f"a photo of {concept} that runs\n\nfast.."]
+
+    out = tmp_path / "bank.json"
+    with pytest.raises(KeyboardInterrupt):
+        generate_phrases(["dog", "cow", "cat", "eel"], generator, cache=out, progress=False, style="searle")
+    assert calls == ["dog", "cow"] and not out.exists()
+    calls.clear()
+    with caplog.at_level("INFO", logger="isearle.phrases"):
+        bank = generate_phrases(["dog", "cow", "cat", "eel"], generator, cache=out, progress=False, style="searle")
+    assert calls == ["cat", "eel"]  # dog and cow came from the journal
+    assert bank["dog"] == ["a photo of dog that runs. fast."] * 2  # SEARLE's preparation, duplicates kept
+    assert json.loads(out.read_text()) == bank and not list(tmp_path.glob("*.partial.jsonl"))
+    assert "phrases/s" in caplog.text
+    with pytest.raises(ArtifactError, match="style differ"):
+        generate_phrases(["dog"], generator, cache=out, progress=False, style="isearle")
+
+
+def test_lm_generator_runs_fp16_on_cuda_in_calls_of_256(monkeypatch):
+    """SEARLE's generation: the model in fp16 on CUDA (fp32 on a CPU), all 256 samples of a concept in one
+    `generate` call, raw texts returned for the preparation step."""
+    import types
+
+    import isearle.phrases as phrases
+    from isearle.phrases import LMConfig
+
+    seen: dict = {"generate": []}
+
+    class Model:
+        def eval(self):
+            return self
+
+        def to(self, device):
+            seen["device"] = str(device)
+            return self
+
+        def generate(self, **kw):
+            seen["generate"].append(kw["num_return_sequences"])
+            return torch.zeros(kw["num_return_sequences"], 3, dtype=torch.long)
+
+    class Tokenizer:
+        pad_token, eos_token, pad_token_id = None, "<eos>", 0
+
+        def __call__(self, text, return_tensors):
+            seen["prompt"] = text
+            return types.SimpleNamespace(to=lambda device: {"input_ids": torch.zeros(1, 3, dtype=torch.long)})
+
+        def batch_decode(self, seqs, skip_special_tokens):
+            return ["a photo of dog that\nruns"] * len(seqs)
+
+    def model_from_pretrained(name, torch_dtype):
+        seen["dtype"] = torch_dtype
+        return Model()
+
+    fake = types.SimpleNamespace(AutoModelForCausalLM=types.SimpleNamespace(from_pretrained=model_from_pretrained),
+                                 AutoTokenizer=types.SimpleNamespace(from_pretrained=lambda name: Tokenizer()))
+    monkeypatch.setitem(sys.modules, "transformers", fake)
+    monkeypatch.setattr(phrases, "hub_offline", lambda: False)
+    out = phrases.lm_generator(LMConfig(device="cuda"))("dog")
+    assert seen["device"] == "cuda" and seen["dtype"] == torch.float16 and seen["generate"] == [256]
+    assert seen["prompt"] == "a photo of dog that" and out == ["a photo of dog that\nruns"] * 256  # raw
+    seen["generate"].clear()
+    phrases.lm_generator(LMConfig(device="cpu", samples=300))("dog")
+    assert seen["dtype"] == torch.float32 and seen["generate"] == [256, 44]

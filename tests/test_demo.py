@@ -5,7 +5,6 @@ import io
 import json
 import struct
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -69,9 +68,9 @@ def test_load_reference_applies_exif_orientation():
 
 
 def test_load_reference_plain_rgb_and_grayscale_have_no_notes():
-    image, notes = D.load_reference(_png(Image.new("RGB", (8, 8), "blue")))
+    image, notes = D.load_reference(_png(Image.new("RGB", (64, 64), "blue")))
     assert image.mode == "RGB" and notes == []
-    image, notes = D.load_reference(_png(Image.new("L", (8, 8), 9)))
+    image, notes = D.load_reference(_png(Image.new("L", (64, 64), 9)))
     assert image.mode == "RGB" and notes == []
 
 
@@ -196,7 +195,7 @@ def test_search_returns_k_ranked_hits(engine, tmp_path):
     scores = [it.score for it in result.items]
     assert scores == sorted(scores, reverse=True)
     assert all(it.caption.startswith(f"#{it.rank} · ") for it in result.items)
-    assert all(Image.open(it.image).size == (D.THUMB_SIZE, D.THUMB_SIZE * 6 // 5) for it in result.items)
+    assert all(Image.open(it.image).size == (D.THUMB_SIZE, D.THUMB_SIZE) for it in result.items)
     assert result.reference_id is None and "7 results" in result.summary()
     assert result.cached == ""
     again = engine.search(None, ref, "is red instead", k=7, method="phi")
@@ -327,7 +326,7 @@ def test_start_falls_back_to_what_can_be_loaded(world, tmp_path):
     args = p.parse_args(["--gallery", f"{tmp_path / 'missing'},{world['gallery']}", "--examples", str(tmp_path / "x.json"),
                          "--no-warmup"])
     engine = D.DemoEngine.start(args, warm=False)
-    assert list(engine.entries) == [str(world["gallery"])]
+    assert list(engine.entries) == [D.public_name(world["gallery"])]  # no server path on the page
     args = p.parse_args(["--gallery", str(tmp_path / "missing")])
     with pytest.raises(FileNotFoundError, match="nothing to serve"):
         D.DemoEngine.start(args, warm=False)
@@ -347,16 +346,17 @@ def test_gallery_built_from_an_image_folder_once(world, tmp_path):
                          "--examples", str(tmp_path / "none.json")])
     engine = D.DemoEngine.start(args, warm=True)
     key = engine.default_key
-    assert key.startswith(str(tmp_path / "cache" / "hub-isearle-tiny-test-"))
+    assert key.startswith("cache/hub-isearle-tiny-test-")  # named without the server path
     loaded = engine.load()
     assert len(loaded.index) == 5 and not loaded.benchmark and loaded.phi is None
     result = engine.search(None, folder / "red.jpg", "is blue", k=3, method="oti", steps=5)
     assert len(result.items) == 3 and Image.open(result.items[0].image).size[0] <= D.THUMB_SIZE
-    assert str(folder) in engine.served_paths()
+    assert str(folder) not in engine.served_paths() and str(folder) in engine.private_paths()  # never served
     assert [e[2] for e in engine.example_paths()][:2] == loaded.index.ids[:2]  # gallery items as examples
     assert engine.info()["methods"] == ["oti"] and len(engine.info()["backbones"]) == 2
     again = D.DemoEngine.start(args, warm=False)  # cached: nothing is embedded twice
-    assert (Path(key) / "index.json").stat().st_mtime == (Path(again.default_key) / "index.json").stat().st_mtime
+    assert (engine.entries[key].directory / "index.json").stat().st_mtime == (
+        again.entries[again.default_key].directory / "index.json").stat().st_mtime
 
 
 def test_unavailable_hub_backbone_falls_back_to_the_offline_world(world, tmp_path, caplog):
@@ -365,7 +365,7 @@ def test_unavailable_hub_backbone_falls_back_to_the_offline_world(world, tmp_pat
     args = p.parse_args(["--images", str(tmp_path), "--model", "ViT-B-32", "--pretrained", str(tmp_path / "no.pt"),
                          "--hub-cache", str(tmp_path / "cache"), "--gallery", str(world["gallery"])])
     engine = D.DemoEngine.start(args, warm=False)
-    assert list(engine.entries) == [str(world["gallery"])]
+    assert list(engine.entries) == [D.public_name(world["gallery"])]
     assert "skipping" in caplog.text
 
 

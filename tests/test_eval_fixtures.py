@@ -43,7 +43,8 @@ class FakeBackbone:
 
     def __init__(self, table: dict[str, list[float]]) -> None:
         self.table = table
-        self.name, self.pretrained, self.device = "fake", None, torch.device("cpu")
+        self.name, self.pretrained, self.device = "fake", "fake-weights", torch.device("cpu")
+        self.precision = "fp32"
         self.embed_dim, self.token_width, self.image_size = 4, 4, 32
         self.encoded = 0
 
@@ -255,6 +256,35 @@ def test_feature_cache_resumes_and_is_keyed_by_backbone(data, tmp_path):
     assert len(other) == 0
 
 
+@pytest.mark.parametrize("part", ["weights", "precision", "decode", "preprocess", "random init"])
+def test_each_part_of_the_feature_cache_key_misses_the_cache(data, tmp_path, part):
+    """Features encoded with other weights, in another precision (an fp16 run read back by an fp32
+    evaluation), decoded or preprocessed otherwise are never reused; random-init weights never cached."""
+    root, table = data
+    bench = D.load_cirr(root / "CIRR", "val")
+    ids = bench.image_ids()
+    fake = FakeBackbone(table)
+    D.extract_features_cached(fake, ids, bench.images, D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace),
+                              progress=False)
+    same = D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace)
+    assert len(same) == len(ids)  # the same settings hit
+    kwargs = {}
+    if part == "weights":
+        fake.pretrained = "fake-weights-retrained"
+    elif part == "precision":
+        fake.precision = "bf16"
+    elif part == "decode":
+        kwargs["decode"] = "robust"
+    elif part == "preprocess":
+        kwargs["preprocess"] = "clip"
+    else:
+        fake.pretrained = None
+    missed = D.FeatureCache.for_backbone(tmp_path, fake, bench.cache_namespace, **kwargs)
+    assert len(missed) == 0
+    if part == "random init":
+        assert missed.dir is None  # memory only
+
+
 # ----------------------------------------------------------------- metrics by hand
 def test_cirr_by_hand(data, tmp_path):
     out = run(data, "cirr", "CIRR", submission_dir=tmp_path)
@@ -428,7 +458,8 @@ def test_cli_end_to_end_with_the_tiny_model(data, tiny_phi, tmp_path, capsys, na
         subm = json.loads(sub_file.read_text())
         assert len(subm) == meta["n_queries"] and all(len(v) == 14 for v in subm.values())
     if method == "oti":
-        assert meta["oti"]["steps"] == 2 and any((tmp_path / "cache" / "oti").rglob("shard_*.safetensors"))
+        # random-init weights have no cache key: nothing of theirs is kept on disk
+        assert meta["oti"]["steps"] == 2 and not any((tmp_path / "cache").rglob("shard_*.safetensors"))
 
 
 def test_train_phi_validates_on_cirr_val_and_keeps_the_best(data, tmp_path, capsys):
@@ -611,3 +642,95 @@ def test_every_benchmark_and_method_equals_the_reference(data, tiny, tmp_path, m
             tiny, bench, method, torch.stack([feats[r] for r in refs]), {r: j for j, r in enumerate(refs)},
             phi=phi, pseudo_tokens=torch.stack([tokens[r] for r in refs]), progress=False)
         assert float((got - want).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("part", ["none", "steps", "templates", "precision", "decode", "features precision",
+                                  "weights"])
+def test_each_part_of_the_oti_cache_key_misses_the_cache(tiny_file, tmp_path, part):
+    """The evaluation's OTI tokens are reused only when the weights, every OTI setting (templates and
+    the precision OTI runs in included) and the way the reference features were made all match."""
+    import dataclasses
+
+    from isearle.evaluation import oti_tokens
+    from isearle.oti import OTIConfig
+
+    feats = torch.randn(2, tiny_file.embed_dim, generator=torch.Generator().manual_seed(0))
+    config = OTIConfig(steps=1, gamma=0.0)
+    kwargs = {"cache_root": tmp_path, "namespace": "bench", "progress": False}
+    first = oti_tokens(tiny_file, ["a", "b"], feats, config, **kwargs)
+    backbone = tiny_file
+    if part == "steps":
+        config = dataclasses.replace(config, steps=2)
+    elif part == "templates":
+        config = dataclasses.replace(config, templates=config.templates[:2])
+    elif part == "precision":
+        config = dataclasses.replace(config, precision="bf16")
+    elif part == "decode":
+        kwargs["decode"] = "robust"
+    elif part == "features precision":
+        kwargs["features_precision"] = "fp16"
+    elif part == "weights":
+        other = tmp_path / "retrained.pt"
+        other.write_bytes(Path(tiny_file.pretrained).read_bytes() + b"\0")
+        backbone = dataclasses.replace(tiny_file, pretrained=str(other))
+    again = oti_tokens(backbone, ["a", "b"], feats, config, **kwargs)
+    shards = {p.parent for p in (tmp_path / "oti").rglob("shard_*.safetensors")}
+    if part == "none":  # the same settings: the cached run is read back, not inverted again
+        assert len(shards) == 1 and torch.equal(again, first)
+    else:
+        assert len(shards) == 2
+
+
+def test_unreadable_images_are_skipped_named_and_counted_up_to_a_threshold(data, tmp_path, monkeypatch, caplog):
+    """As SEARLE's collate_fn, a run skips what it cannot read: an unreadable gallery image leaves the
+    gallery, a query whose reference is unreadable is dropped; both are named in the log and in the
+    result's meta. Above `MAX_UNREADABLE` (1 %) of the images the run fails with one line."""
+    import shutil
+
+    import isearle.images
+    from isearle.images import UnreadableImages
+
+    root, table = data
+    copy = tmp_path / "CIRR"
+    shutil.copytree(root / "CIRR", copy)
+    names = [f"dev-0-{i // 2}-img{i % 2}" for i in range(8)]
+    for i in (4, 6):  # 4: only in the gallery; 6: the reference of query 103
+        (copy / "dev" / f"{names[i]}.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(UnreadableImages) as err:
+        evaluate(FakeBackbone(table), "cirr", "val", "image", data=copy, cache_dir=None, progress=False)
+    assert "2 of 8 images cannot be read" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(isearle.images, "MAX_UNREADABLE", 0.3)
+    with caplog.at_level("WARNING"):
+        out = evaluate(FakeBackbone(table), "cirr", "val", "image", data=copy, cache_dir=tmp_path / "cache",
+                       progress=False)
+    assert "skipped 2 of 8 images that cannot be read" in caplog.text and names[6] in caplog.text
+    meta = out["meta"]
+    assert meta["unreadable"] == {"count": 2, "images": [names[4], names[6]], "queries_dropped": 1}
+    assert meta["n_queries"] == 3 and meta["gallery_size"] == 6
+    cached = D.FeatureCache.for_backbone(tmp_path / "cache" / "features", FakeBackbone(table),
+                                         D.load_cirr(copy, "val").cache_namespace)
+    assert len(cached) == 6  # what could not be read is not cached: a repaired file is read next time
+
+
+def test_eval_oti_encodes_its_references_in_otis_precision(data, tiny, monkeypatch):
+    """SEARLE's oti_inversion.py encodes the images it inverts under OTI's autocast: when OTI runs in
+    another precision than the evaluation, the reference features are encoded again in OTI's."""
+    import isearle.evaluation as E
+    from isearle.oti import OTIConfig
+
+    root, _ = data
+    seen: list[tuple[str, int]] = []
+    extract = E.extract_features_cached
+
+    def spy(backbone, ids, *args, **kwargs):
+        seen.append((backbone.precision, len(ids)))
+        return extract(backbone, ids, *args, **kwargs)
+
+    monkeypatch.setattr(E, "extract_features_cached", spy)
+    out = evaluate(tiny, "cirr", "val", "oti", data=root / "CIRR", cache_dir=None, progress=False,
+                   oti=OTIConfig(steps=1, precision="bf16"))
+    assert seen == [("fp32", 8), ("bf16", 4)]  # every image in fp32, then the 4 references in bf16
+    assert out["meta"]["precision"] == "fp32" and out["meta"]["oti"]["precision"] == "bf16"
+    seen.clear()
+    evaluate(tiny, "cirr", "val", "oti", data=root / "CIRR", cache_dir=None, progress=False, oti=OTIConfig(steps=1))
+    assert seen == [("fp32", 8)]  # the same precision: the features are reused

@@ -336,3 +336,28 @@ def test_jpeg_draft_decodes_at_the_reduced_size_the_model_needs(tmp_path):
     assert open_image(tmp_path / "a.png", draft=224).size == (640, 480)
     ref = np.asarray(full.resize((320, 240), Image.BILINEAR), dtype=np.float32)
     assert np.abs(np.asarray(small, dtype=np.float32) - ref).mean() < 12  # same content, downscaled
+
+
+# ------------------------------------------------------------------------------------- decodings
+def test_demo_uploads_keep_the_robust_decoding():
+    """open_image's default is "robust" (what the demo's uploads get); "searle" keeps the file's mode."""
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    assert open_image(rgba).mode == "RGB" and open_image(rgba).getpixel((0, 0)) == (255, 255, 255)
+    assert open_image(rgba, decode="searle").mode == "RGBA"
+    with pytest.raises(ValueError, match="unknown decoding"):
+        open_image(rgba, decode="other")
+
+
+def test_gallery_index_records_its_precision_and_decoding(tiny, tmp_path):
+    """`isearle index` records how a gallery was embedded; appending with another decoding is refused."""
+    from isearle.errors import IsearleError
+    from isearle.indexing import build_gallery_index
+
+    items = [(f"i{k}", Image.new("RGB", (16, 12), (40 * k, 0, 0)), {}) for k in range(3)]
+    index = build_gallery_index(tiny, items[:2], progress=False, decode="searle")
+    assert index.info["decode"] == "searle" and index.info["precision"] == "fp32"
+    with pytest.raises(IsearleError, match="--decode searle"):
+        build_gallery_index(tiny, items[2:], progress=False, index=index, decode="robust")
+    assert len(build_gallery_index(tiny, items[2:], progress=False, index=index, decode="searle")) == 3
+    bf16 = build_gallery_index(tiny.with_precision("bf16"), items[:1], progress=False)
+    assert bf16.info["precision"] == "bf16" and bf16.info["decode"] == "robust"

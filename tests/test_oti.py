@@ -284,14 +284,17 @@ def test_invert_images_writes_a_loadable_run(tiny, tmp_path):
 
 # ------------------------------------------------------------------------------------ precision
 def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
-    """SEARLE runs OTI under fp16 autocast with a GradScaler: S*'s gradients cannot underflow."""
-    import dataclasses
-
+    """SEARLE runs OTI under fp16 autocast with a GradScaler: S*'s gradients cannot underflow. The same
+    path runs on the CPU (torch's CPU fp16 autocast), so it is not GPU-only code that no test runs."""
     import isearle.oti as oti_module
+    from isearle.precision import fp16_autocast_supported
 
-    assert not oti_module.grad_scaler(tiny).is_enabled()  # fp32 on the CPU: nothing to scale
-    assert not oti_module.grad_scaler(dataclasses.replace(tiny, precision="fp32")).is_enabled()
-    monkeypatch.setattr(type(tiny), "autocast", property(lambda self: torch.autocast("cpu", dtype=torch.float16)))
+    if not fp16_autocast_supported("cpu"):
+        pytest.skip("this torch has no CPU fp16 autocast")
+    assert tiny.precision == "fp32"  # load_backbone's CPU default: fp32, not an fp16 that means fp32
+    assert not oti_module.grad_scaler(tiny).is_enabled()  # fp32: nothing to scale
+    assert not oti_module.grad_scaler(tiny, OTIConfig(precision="bf16")).is_enabled()
+    assert oti_module.grad_scaler(tiny, OTIConfig(precision="fp16")).is_enabled()
     scaled: list[float] = []
     scale = torch.amp.GradScaler.scale
 
@@ -302,9 +305,13 @@ def test_oti_under_fp16_autocast_scales_its_gradients(tiny, monkeypatch):
 
     monkeypatch.setattr(torch.amp.GradScaler, "scale", spy)
     feats = _features(2, tiny.embed_dim)
-    tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
+    fp32 = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0))
+    assert scaled == [1.0, 1.0, 1.0]  # fp32: a pass-through scaler
+    scaled.clear()
+    tokens = invert(tiny, feats, OTIConfig(steps=3, gamma=0.0, precision="fp16"))
     assert len(scaled) == 3 and scaled[0] == 2.0**16  # every step's loss was scaled before backward
-    assert torch.isfinite(tokens).all()
+    assert torch.isfinite(tokens).all() and not torch.equal(tokens, fp32)  # fp16 did run
+    assert (tokens - fp32).abs().max() < 1e-2  # and stays close to fp32
 
 
 def test_the_gpt_loss_weight_is_the_configured_one(tiny):
@@ -339,3 +346,68 @@ def test_oti_options_reach_the_run_configuration(tiny, tmp_path):
     assert {k: config[k] for k in ("steps", "batch_size", "lr", "gamma", "max_norm", "seed")} == {
         "steps": 2, "batch_size": 1, "lr": 0.1, "gamma": 0.3, "max_norm": 1.5, "seed": 4}
     assert config["templates"] == list(OTI_TEMPLATES) and config["lambda_gpt"] == 0.0  # no --phrases
+
+
+def test_oti_run_skips_unreadable_images_and_records_them(tiny, tmp_path, monkeypatch):
+    """`isearle oti` over a folder: a file it cannot read is skipped, listed in config.json with the
+    decoding, and a resumed run keeps the same images; above the threshold the run fails."""
+    import isearle.images
+    from isearle.images import UnreadableImages
+    from isearle.oti_runs import invert_images
+
+    paths = []
+    for i, colour in enumerate(("red", "blue", "green")):
+        paths.append(tmp_path / f"{i}.png")
+        Image.new("RGB", (32, 24), colour).save(paths[-1])
+    paths[1].write_bytes(b"not an image")
+    ids = [p.name for p in paths]
+    out = tmp_path / "run"
+    with pytest.raises(UnreadableImages, match="1 of 3 images cannot be read"):
+        invert_images(tiny, ids, paths, out, OTIConfig(steps=1, batch_size=2), progress=False, decode="searle")
+    monkeypatch.setattr(isearle.images, "MAX_UNREADABLE", 0.5)
+    got, tokens = invert_images(tiny, ids, paths, tmp_path / "run2", OTIConfig(steps=1, batch_size=2),
+                                progress=False, decode="searle")
+    assert got == ["0.png", "2.png"] and tokens.shape[0] == 2
+    config = json.loads((tmp_path / "run2" / "config.json").read_text())
+    assert config["unreadable"] == ["1.png"] and config["decode"] == "searle" and config["precision"] == "fp32"
+    again, same = invert_images(tiny, ids, paths, tmp_path / "run2", OTIConfig(steps=1, batch_size=2),
+                                progress=False, decode="searle")  # resumed: the stored features are reused
+    assert again == got and torch.equal(same, tokens)
+
+
+def test_an_oti_folder_of_another_backbone_is_refused(tiny, vitb32, tmp_path):
+    """A run folder records its backbone: resuming it with another one, or distilling phi from it with
+    another one, is refused (its shards would mix two kinds of token)."""
+    import dataclasses
+
+    from isearle.artifacts import ArtifactError
+
+    out = tmp_path / "run"
+    invert_dataset(tiny, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                   progress=False)
+    other = dataclasses.replace(tiny, name="isearle-tiny-other")
+    with pytest.raises(ArtifactError, match=r"other settings \(backbone differ\)"):
+        invert_dataset(other, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                       progress=False)
+    retrained = dataclasses.replace(tiny, pretrained="retrained.pt")
+    with pytest.raises(ArtifactError, match=r"other settings \(pretrained differ\)"):
+        invert_dataset(retrained, ["a", "b"], _features(2, tiny.embed_dim), out, OTIConfig(steps=1, batch_size=2),
+                       progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"features": _features(2, tiny.embed_dim)}, str(out / "features.safetensors"),
+              metadata={"ids": json.dumps(["a", "b"])})
+    with pytest.raises(ArtifactError, match="is an OTI run of isearle-tiny-test"):
+        load_runs([out], vitb32)
+
+
+def test_a_shard_holding_other_images_is_redone(tiny, tmp_path):
+    """A second run with new ids in the same folder inverts them: it never returns the first run's ids
+    and tokens from a shard of the same number."""
+    out = tmp_path / "run"
+    cfg = OTIConfig(steps=2, batch_size=2)
+    first_ids, first = invert_dataset(tiny, ["a", "b"], _features(2, tiny.embed_dim), out, cfg, progress=False)
+    new = _features(2, tiny.embed_dim, seed=5)
+    ids, tokens = invert_dataset(tiny, ["c", "d"], new, out, cfg, progress=False)
+    fresh_ids, fresh = invert_dataset(tiny, ["c", "d"], new, tmp_path / "fresh", cfg, progress=False)
+    assert ids == fresh_ids == ["c", "d"] and torch.equal(tokens, fresh) and not torch.equal(tokens, first)

@@ -368,3 +368,62 @@ def test_train_phi_options_reach_the_configuration(tiny, tmp_path):
                                   "reg_form", "reg_norm", "seed", "hard_negatives")} == {
         "epochs": 2, "batch_size": 4, "lr": 0.002, "temperature": 0.5, "lambda_gpt": 0.3, "lambda_reg": 0.2,
         "reg_form": "knn", "reg_norm": 1.5, "seed": 3, "hard_negatives": False}
+
+
+# ------------------------------------------------------------------------------- training records
+def test_train_phi_keeps_periodic_checkpoints_and_a_per_epoch_csv(tiny, tmp_path):
+    """--save-frequency N keeps phi every N epochs (SEARLE's save_frequency); OUT.metrics.csv holds every
+    epoch's losses, rewritten atomically after each epoch. The epoch-2 checkpoint of a 4-epoch run is
+    the phi a 2-epoch run ends with."""
+    import csv
+
+    from isearle.cli import main
+    from isearle.oti_runs import invert_dataset
+    from isearle.phi import load_phi
+
+    ids = [f"i{k}" for k in range(8)]
+    feats, tokens = _synthetic(tiny, 8)
+    run = tmp_path / "oti"
+    invert_dataset(tiny, ids, feats, run, OTIConfig(steps=1, batch_size=8), progress=False)
+    from safetensors.torch import save_file
+
+    save_file({"features": feats}, str(run / "features.safetensors"), metadata={"ids": json.dumps(ids)})
+    common = ["train-phi", "--model", "isearle-tiny-test", "--pretrained", "none", "--device", "cpu", "--oti",
+              str(run), "--batch-size", "4", "--lr", "0.002", "--preset", "searle"]  # no penalty: the random
+    # backbone of each run (its token embeddings) plays no part
+    out = tmp_path / "phi.safetensors"
+    assert main([*common, "--epochs", "4", "--save-frequency", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("phi.*")) == [
+        "phi.epoch002.safetensors", "phi.epoch004.safetensors", "phi.metrics.csv", "phi.safetensors"]
+    rows = list(csv.DictReader((tmp_path / "phi.metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4] and all(float(r["loss"]) > 0 for r in rows)
+    assert rows[0]["val"] == ""  # no validation asked for
+    short = tmp_path / "short" / "phi.safetensors"
+    assert main([*common, "--epochs", "2", "--out", str(short)]) == 0
+    two, at_two = load_phi(short), load_phi(tmp_path / "phi.epoch002.safetensors")
+    for (k, a), b in zip(two.state_dict().items(), at_two.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    assert not list((tmp_path / "short").glob("*.epoch*"))  # --save-frequency 0: none
+
+
+def test_train_phi_in_fp16_runs_autocast_with_a_grad_scaler(tiny, monkeypatch):
+    """SEARLE's train_phi.py: fp16 autocast + GradScaler (here on the CPU), fp32 on the CPU by default."""
+    from isearle.precision import fp16_autocast_supported
+
+    if not fp16_autocast_supported("cpu"):
+        pytest.skip("this torch has no CPU fp16 autocast")
+    scales: list[float] = []
+    scale = torch.amp.GradScaler.scale
+    monkeypatch.setattr(torch.amp.GradScaler, "scale",
+                        lambda self, out: scales.append(self.get_scale() if self.is_enabled() else 1.0) or scale(self, out))
+    feats, tokens = _synthetic(tiny, 16)
+    bank = {"dog": ["a photo of dog that is on the grass"], "cat": ["a photo of cat that is black"]}
+    concepts = [["dog", "cat"]] * 16
+    fp32, _ = train_phi(tiny, feats, tokens, PhiTrainConfig(epochs=1, batch_size=8), concepts, bank, progress=False)
+    assert scales == [1.0, 1.0]  # the CPU default: fp32, a pass-through scaler
+    scales.clear()
+    cfg = PhiTrainConfig(epochs=1, batch_size=8, precision="fp16")
+    phi, history = train_phi(tiny, feats, tokens, cfg, concepts, bank, progress=False)
+    assert len(scales) == 2 and scales[0] == 2.0**16 and min(scales) > 1  # scaled (and backed off on an overflow)
+    assert all(math.isfinite(h["loss"]) for h in history)
+    assert any(not torch.equal(a, b) for a, b in zip(phi.state_dict().values(), fp32.state_dict().values(), strict=True))

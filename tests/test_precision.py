@@ -202,3 +202,45 @@ def test_app_setting_precision_reaches_the_query_path(tmp_path):
     assert p.parse_args([]).precision == P.DEFAULT_PRECISION == "auto"
     with pytest.raises(SystemExit):
         p.parse_args(["--precision", "fp16"])
+
+
+# ------------------------------------------------------------------------ compute precisions
+def test_fp16_means_fp16_on_every_device(tiny, monkeypatch, caplog):
+    """One meaning per word: a backbone that says fp16 runs fp16 autocast, on the CPU too where torch
+    supports it (else fp32, said in the log); load_backbone's CPU default is fp32, not a no-op fp16."""
+    import dataclasses
+
+    assert tiny.precision == "fp32" and P.default_compute_precision("cuda") == "fp16"
+    x = torch.ones(2, 2)
+    with tiny.autocast:
+        assert (x @ x).dtype == torch.float32
+    if P.fp16_autocast_supported("cpu"):
+        with dataclasses.replace(tiny, precision="fp16").autocast:
+            assert (x @ x).dtype == torch.float16
+        assert P.grad_scaler("cpu", "fp16").is_enabled()
+    with dataclasses.replace(tiny, precision="bf16").autocast:
+        assert (x @ x).dtype == torch.bfloat16
+    assert not P.grad_scaler("cpu", "bf16").is_enabled() and not P.grad_scaler("cpu", "fp32").is_enabled()
+    monkeypatch.setattr(P, "_cpu_fp16_autocast", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert P.effective_precision("fp16", "cpu") == "fp32"
+        with P.compute_autocast("cpu", "fp16"):
+            assert (x @ x).dtype == torch.float32
+    assert "running fp32" in caplog.text
+    with pytest.raises(ValueError, match="unknown precision"):
+        P.effective_precision("auto", "cpu")  # the query path's word, not a compute precision
+
+
+@pytest.mark.parametrize("command", [["eval", "--benchmark", "shapes"], ["train-phi", "--oti", "x", "--out", "y"],
+                                     ["oti", "--shapes", "2", "--out", "x"], ["index", "--shapes", "2"],
+                                     ["train-clip"]])
+def test_every_command_takes_the_same_precision_words(command):
+    from isearle.cli import build_parser
+
+    p = build_parser()
+    for word in P.COMPUTE_PRECISIONS:
+        assert p.parse_args([*command, "--precision", word]).precision == word
+    with pytest.raises(SystemExit):
+        p.parse_args([*command, "--precision", "auto"])
+    with pytest.raises(SystemExit):
+        p.parse_args(["index", "--shapes", "2", "--bf16"])  # replaced by --precision bf16

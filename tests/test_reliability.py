@@ -544,7 +544,8 @@ def test_official_searle_checkpoint_loads_weights_only_and_damage_is_named(tiny,
         load_phi(pt)
 
 
-def test_damaged_concept_bank_cache_is_rebuilt(tiny, tmp_path, caplog):
+def test_damaged_concept_bank_cache_is_rebuilt(tiny_file, tmp_path, caplog):
+    tiny = tiny_file
     from isearle.concepts import concept_bank
 
     bank = concept_bank(tiny, "shapes", cache_dir=tmp_path, progress=False)
@@ -622,8 +623,14 @@ def test_clip_training_resumes_bit_for_bit(monkeypatch, tmp_path):
         CT.train_clip(model(), data, tok, config(tmp_path / "run"), progress=False)
     monkeypatch.setattr(CT, "save_checkpoint", save)
     resumed = model()
+    with torch.no_grad():  # a start unlike the seed's: only the checkpoint's state can give the reference
+        for p in resumed.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    steps: list[int] = []
+    monkeypatch.setattr(CT, "save_checkpoint", lambda path, m, opt, meta, cfg: steps.append(meta["step"]) or save(
+        path, m, opt, meta, cfg))
     meta = CT.train_clip(resumed, data, tok, config(tmp_path / "run"), progress=False)
-    assert meta["step"] == 6
+    assert meta["step"] == 6 and steps[0] == 4  # it went on from step 3, not from 0
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True))
     truncate(tmp_path / "run" / "last.safetensors")  # a damaged state: a log line, training starts over
     assert CT.load_checkpoint(tmp_path / "run" / "last.safetensors", model(), torch.optim.AdamW(
@@ -698,10 +705,10 @@ def test_app_shows_a_damaged_gallery_in_one_line(offline_world, tmp_path):
     shutil.copytree(offline_world, other)
     (other / "items.json").write_text("{")
     engine = D.DemoEngine.start(_app_args(Path(f"{other},{offline_world}")), warm=False)
-    assert list(engine.entries) == [str(offline_world)]
+    assert list(engine.entries) == [D.GalleryEntry(offline_world).key]
     assert len(engine.notices) == 1 and "other/items.json is truncated (1 of" in engine.notices[0]
-    engine.entries[str(other)] = D.GalleryEntry(other)  # the user picks it anyway
+    engine.entries[D.GalleryEntry(other).key] = D.GalleryEntry(other)  # the user picks it anyway
     with pytest.raises(gr.Error) as e:
-        app.guarded(engine.load)(str(other))
+        app.guarded(engine.load)(D.GalleryEntry(other).key)
     one_line(ValueError(e.value.message), "other/items.json is truncated (1 of", "rebuild it with `python -m isearle.demo")
-    assert len(engine.search(str(offline_world), Image.new("RGB", (64, 64), "red"), "is blue", 3, "phi", 10).items) == 3
+    assert len(engine.search(D.GalleryEntry(offline_world).key, Image.new("RGB", (64, 64), "red"), "is blue", 3, "phi", 10).items) == 3

@@ -76,14 +76,37 @@ def add_oti_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
     p.add_argument(f"{f}templates", choices=TEMPLATE_SETS, default=None,
                    help="content templates: searle (PALAVRA's 24, default) or shapes (the shapes world's)")
     p.add_argument(f"{f}seed", type=int, default=None, help="OTI seed (batch b uses seed + b)")
+    from isearle.precision import COMPUTE_PRECISION_HELP, add_compute_precision_argument
+
+    add_compute_precision_argument(p, f"{f}precision", help="OTI's " + COMPUTE_PRECISION_HELP.replace(
+        "default: fp16 on CUDA, fp32 on CPU", "default: the preset's (searle: fp16 on CUDA, fp32 on CPU) or the backbone's"))
 
 
-def oti_config_from(args: argparse.Namespace, prefix: str = "") -> Any:
-    """The `OTIConfig` of `--preset` and `add_oti_arguments`' flags (no GPT loss without phrases)."""
+def add_decode_argument(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """--decode searle|robust (`isearle.images`); None: the preset's."""
+    from isearle.images import DECODE_HELP, DECODES
+
+    p.add_argument("--decode", choices=DECODES, default=default,
+                   help=DECODE_HELP + (f" (default {default})" if default else " (default: the preset's)"))
+
+
+def decode_from(args: argparse.Namespace) -> str:
+    """The decoding of --decode, else of --preset (searle -> searle, isearle -> robust)."""
+    from isearle.presets import preset
+
+    given = getattr(args, "decode", None)
+    return given or preset(getattr(args, "preset", "isearle")).decode
+
+
+def oti_config_from(args: argparse.Namespace, prefix: str = "", device: Any = None) -> Any:
+    """The `OTIConfig` of `--preset` and `add_oti_arguments`' flags (no GPT loss without phrases); the
+    precision: the flag's, else the preset's on `device` (searle: fp16 on CUDA), else the backbone's."""
     from isearle.presets import oti_templates, preset
 
     a = {k[len(prefix):]: v for k, v in vars(args).items() if k.startswith(prefix)}
-    return preset(args.preset).oti_config(
+    recipe = preset(args.preset)
+    precision = a.get("precision") or (recipe.precision(device) if device is not None else None)
+    return recipe.oti_config(
         steps=a["steps"], batch_size=a["batch_size"], lr=a["lr"], gamma=a["gamma"],
         lambda_gpt=a["lambda_gpt"] if a["phrases"] else 0.0, max_norm=a["max_norm"], seed=a["seed"],
-        templates=oti_templates(a["templates"]) if a["templates"] else None)
+        templates=oti_templates(a["templates"]) if a["templates"] else None, precision=precision)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from isearle.cli.common import add_backbone_arguments, add_oti_arguments, oti_config_from
+from isearle.cli.common import add_backbone_arguments, add_decode_argument, add_oti_arguments, oti_config_from
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,8 +33,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-reference", choices=["auto", "yes", "no"], default="auto",
                    help="remove the reference image from the ranking (auto: yes for cirr and shapes)")
     add_oti_arguments(p, prefix="oti-")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
-                   help="fp32 (SEARLE's evaluation, comparable with the papers) or fp16 autocast on CUDA (faster)")
+    from isearle.precision import COMPUTE_PRECISION_HELP, add_compute_precision_argument
+
+    add_compute_precision_argument(p, default="fp32", help="features and queries: " + COMPUTE_PRECISION_HELP.replace(
+        "default: fp16 on CUDA, fp32 on CPU", "default fp32, SEARLE's validate.py, comparable with the papers"))
+    add_decode_argument(p, default="searle")
     p.add_argument("--batch-size", type=int, default=64, help="images encoded together")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes (decode + preprocess)")
     p.add_argument("--cache-dir", type=Path, default=None,
@@ -58,7 +61,7 @@ def eval_main(args: argparse.Namespace) -> int:
     model, pretrained = default_backbone(args.benchmark, args.phi, args.model, args.pretrained)
     backbone = load_backbone(model, pretrained, args.device, preprocess=args.preprocess)
     backbone.precision = args.precision
-    oti = oti_config_from(args, prefix="oti_")
+    oti = oti_config_from(args, prefix="oti_", device=backbone.device)
     exclude = {"auto": None, "yes": True, "no": False}[args.exclude_reference]
     cache = None if args.no_cache else (args.cache_dir if args.cache_dir is not None else "default")
     result = evaluate(
@@ -66,7 +69,7 @@ def eval_main(args: argparse.Namespace) -> int:
         limit=args.limit, exclude_reference=exclude, categories=args.categories, domains=args.domains, oti=oti,
         oti_phrases=args.oti_phrases, oti_vocabulary=args.oti_vocabulary, cache_dir=cache,
         batch_size=args.batch_size, num_workers=args.num_workers, submission_dir=args.submission,
-        preprocess=args.preprocess, progress=not args.quiet,
+        preprocess=args.preprocess, decode=args.decode, progress=not args.quiet,
     )
     print(format_table(result))
     if args.json is not None:

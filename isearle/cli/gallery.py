@@ -44,8 +44,13 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
                    help="store JPEG thumbnails of images without a file (always for --hf-dataset; shapes scenes keep their spec)")
     p.add_argument("--draft", action="store_true",
                    help="decode JPEG files at the reduced size the model needs (faster; features differ slightly)")
-    p.add_argument("--bf16", action="store_true",
-                   help="encode with bf16 weights (faster on CPUs with AVX512-BF16/AMX; ShapesCIR phi R@1 -0.6 point)")
+    from isearle.cli.common import add_decode_argument
+    from isearle.precision import COMPUTE_PRECISION_HELP, add_compute_precision_argument
+
+    add_compute_precision_argument(p, default="fp32", help="encoding: " + COMPUTE_PRECISION_HELP.replace(
+        "default: fp16 on CUDA, fp32 on CPU", "default fp32; bf16 keeps bf16 weights, faster on CPUs with "
+        "AVX512-BF16/AMX, ShapesCIR phi R@1 -0.6 point"))
+    add_decode_argument(p, default="robust")
     p.add_argument("--ray", action="store_true", help="embed on Ray Data (local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001 or auto)")
     p.add_argument("--ray-workers", type=int, default=None, help="Ray actors (default: one per GPU, else per CPU)")
@@ -78,13 +83,16 @@ def index_main(args: argparse.Namespace) -> int:
     if args.ray:
         from isearle.scale import ray_build_gallery_index
 
+        if args.precision != "fp32":
+            raise ValueError("--ray encodes in fp32: drop --precision, or run without --ray")
         index = ray_build_gallery_index(backbone, items, batch_size=args.batch_size, config=config,
                                         index=index, address=args.ray_address, num_workers=args.ray_workers,
-                                        thumbnails=thumbs)
+                                        thumbnails=thumbs, decode=args.decode)
     else:
-        encoder = backbone.with_precision("bf16") if args.bf16 else backbone
+        encoder = backbone.with_precision(args.precision)
         index = build_gallery_index(encoder, items, args.batch_size, args.num_workers, True, config,
-                                    thumbs, index, checkpoint=args.out / PROGRESS_DIR, draft=args.draft)
+                                    thumbs, index, checkpoint=args.out / PROGRESS_DIR, draft=args.draft,
+                                    decode=args.decode)
     index.save(args.out)
     Progress.discard(args.out / PROGRESS_DIR)
     print(f"{len(index)} images ({index.kind}, {index.dim}-d, {backbone.name}) indexed in {args.out}")

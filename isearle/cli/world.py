@@ -26,8 +26,11 @@ def add_train_clip_arguments(p: argparse.ArgumentParser) -> None:
                    metavar=("FULL", "PARTIAL", "CLAUSE", "EDIT"), help="sampling weights of the caption forms")
     p.add_argument("--composite", type=float, default=d.composite,
                    help="share of captions with one composite word standing for a description (0: off)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default=d.precision,
-                   help="autocast dtype of the training forward pass")
+    from isearle.precision import COMPUTE_PRECISION_HELP, add_compute_precision_argument
+
+    add_compute_precision_argument(p, default=d.precision,
+                                   help=COMPUTE_PRECISION_HELP.replace("default: fp16 on CUDA, fp32 on CPU",
+                                                                       f"default: {d.precision}"))
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (0: all CPUs of this process)")
     p.add_argument("--out-dir", default=d.out_dir, help="checkpoint folder (last.safetensors)")
     p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/last.safetensors")

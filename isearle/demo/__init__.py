@@ -59,7 +59,18 @@ from isearle.demo.settings import (
     entries_from_args,
     settings_table,
 )
+from isearle.demo.texts import (
+    GLOSSARY,
+    STEPS_RANGE,
+    TOP_K_RANGE,
+    WORDS_NOTE,
+    SharedQuery,
+    intro,
+    read_query,
+    share_link,
+)
 from isearle.errors import IsearleError
+from isearle.paths import ASSETS_DIR, public_name
 from isearle.runtime import set_threads
 from isearle.service import (
     SHAPES_MODELS,
@@ -79,4 +90,6 @@ __all__ = [
     "clean_caption", "ensure_offline_gallery", "entries_from_args", "gallery_image", "hub_gallery_dir",
     "item_spec", "load_examples", "load_reference", "make_examples", "offline_gallery_stale", "open_service",
     "prepare_caption", "readable_token", "render_spec", "set_threads", "settings_table", "trained_token_ids", "world_token_ids",
+    "ASSETS_DIR", "GLOSSARY", "STEPS_RANGE", "TOP_K_RANGE", "WORDS_NOTE", "SharedQuery", "intro",
+    "public_name", "read_query", "share_link",
 ]

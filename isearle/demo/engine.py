@@ -23,7 +23,7 @@ from isearle.demo.results import Explanation, ResultItem, SearchResult
 from isearle.demo.settings import DEFAULT_OTI_STEPS
 from isearle.errors import BadRequest, IsearleError, NotFound
 from isearle.explain import ALONE_TEMPLATE, describe_with_caption
-from isearle.paths import slug
+from isearle.paths import public_name, slug
 from isearle.reference import BadImage, Reference
 from isearle.retrieval import Hit, LRUCache
 from isearle.service import Session
@@ -170,11 +170,13 @@ class DemoEngine:
         oti = session.oti_config(steps)
         cached = session.retriever.cached(ref, cap.caption, method, oti)
         k = max(1, min(int(k), len(session) - len(ref.exclude)))
-        hits = session.search(ref, cap.caption, k, method, oti, progress=progress)
         gts = self.truth.get(ref.item_id, cap.caption) if session.benchmark else None
-        return SearchResult(self.result_items(key, session, hits, set(gts or ())), [*ref.notes, *cap.notes],
+        marked = set(gts or ())  # with ground truths the whole ranking: their ranks, also outside the top k
+        hits = session.search(ref, cap.caption, len(session) - len(ref.exclude) if gts else k, method, oti,
+                              progress=progress)
+        return SearchResult(self.result_items(key, session, hits[:k], marked), [*ref.notes, *cap.notes],
                             cap.used if cap.cut else cap.prompt, method, 1000 * (time.perf_counter() - start),
-                            cached, ref.item_id, gts)
+                            cached, ref.item_id, gts, self.result_items(key, session, [h for h in hits if h.id in marked], marked))
 
     def result_items(self, key: str, session: Session, hits: Sequence[Hit], gts: set[str]) -> list[ResultItem]:
         out = []
@@ -214,7 +216,7 @@ class DemoEngine:
         key = key or self.default_key
         s = self.load(key)
         return {"backbone": key, "label": self.label(key), "backbones": list(self.entries),
-                "methods": (["phi"] if s.phi is not None else []) + ["oti"], "phi": s.phi_name,
+                "methods": (["phi"] if s.phi is not None else []) + ["oti"], "phi": public_name(s.phi_name),
                 "gallery_size": len(s), "context_length": s.backbone.context_length, "benchmark": s.benchmark,
                 "trained_vocabulary": s.trained is not None, "precision": s.precision_report()}
 
@@ -225,13 +227,12 @@ class DemoEngine:
         return list(SHAPES_CAPTIONS if self.load(key).shapes else PHOTO_CAPTIONS)
 
     def served_paths(self) -> list[str]:
-        """Folders the app may serve files from: thumbnails, galleries, image folders."""
-        paths = {str(self.thumbs.root)}
-        for e in self.entries.values():
-            paths.add(str(e.directory))
-            if e.images is not None:
-                paths.add(str(e.images))
-        return sorted(paths)
+        """The one folder served: the app's thumbnails (display size); never an index or image folder."""
+        return [str(self.thumbs.root)]
+
+    def private_paths(self) -> list[str]:
+        """Folders never served, whatever else allows them: galleries and the image folders they index."""
+        return sorted({str(p) for e in self.entries.values() for p in (e.directory, e.images) if p is not None})
 
 
 def _warm_image(size: int) -> Image.Image:

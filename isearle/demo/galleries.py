@@ -20,7 +20,7 @@ from isearle.gallery_builds import (
     index_present,
     offline_gallery_stale,
 )
-from isearle.paths import REPO_DIR
+from isearle.paths import REPO_DIR, public_name
 from isearle.service import BENCHMARK, Session, load_service
 
 __all__ = ["BENCHMARK", "GalleryEntry", "build_shapes_gallery", "build_test_world", "ensure_offline_gallery",
@@ -44,7 +44,8 @@ class GalleryEntry:
 
     @property
     def key(self) -> str:
-        return self.label or str(self.directory)
+        """The entry's name on the page and in API answers: never an absolute server path."""
+        return self.label or str(public_name(self.directory))
 
 
 def slug(text: str) -> str:

@@ -173,7 +173,8 @@ class InspectorViews:
         items = self.items(a, I.rank(a.session, mix, a.caption, k, exclude), set())
         view = I.describe(a.session, mix, 3)
         summary = (f"**S\\* = {1 - alpha:.2f} · A + {alpha:.2f} · B** · ‖S\\*‖ = {view.norm:.3f} (A {float(ta.norm()):.3f}, "
-                   f"B {float(tb.norm()):.3f}) · reads as **{', '.join(w for w, _ in view.tokens)}**")
+                   f"B {float(tb.norm()):.3f}) · reads as **{', '.join(w for w, _ in view.tokens)}**"
+                   + "".join(f"  \n⚠ {who}: {note}" for who, r in (("A", a), ("B", b)) for note in r.notes))
         return items, summary, {"alpha": float(alpha), "hits": [it.id for it in items], **view.as_dict(),
                                 "elapsed_ms": round(1000 * (time.perf_counter() - start), 1)}
 
@@ -220,13 +221,18 @@ class InspectorViews:
         text = None
         if caption and caption.strip():
             text = session.caption(caption, check_vocabulary=False).caption
-        ref = Request(key, session, Picture(Image.new("RGB", (1, 1)), ""), text)
-        items = self.items(ref, I.rank(ref.session, word.token, text, k))
         meta = word.metadata
+        item = meta.get("reference_id")  # a gallery item's S*: left out and its ground truths marked
+        item = str(item) if item is not None and str(item) in session.index.metadata else None
+        gts = set(self.engine.truth.get(item, text) or ()) if (session.benchmark and text and item) else set()
+        ref = Request(key, session, Picture(Image.new("RGB", (1, 1)), "", item_id=item), text, gts)
+        items = self.items(ref, I.rank(ref.session, word.token, text, k, ref.exclude))
         shown = I.prompt(ref.session, text).replace("$", "S\\*")
         summary = (f"S\\* from a file: {meta.get('method', '?')} on {meta.get('model', '?')}, image "
-                   f"`{str(meta.get('image_hash', '?'))[:12]}` · “{shown}”")
-        return items, summary, {"hits": [it.id for it in items], "metadata": meta}
+                   f"`{str(meta.get('image_hash', '?'))[:12]}` · “{shown}”"
+                   + (f" · gallery item `{item}` left out" if item else "") + self.gt_line(ref, items))
+        return items, summary, {"hits": [it.id for it in items], "metadata": meta,
+                                "ground_truth": [it.id for it in items if it.ground_truth]}
 
 
 def _cell(values: Sequence[tuple[str, float]], i: int) -> tuple[str, float | None]:

@@ -34,12 +34,12 @@ class ThumbnailCache:
         self._checked: set[Path] = set()
 
     def path(self, gallery_key: str, index: Any, item_id: str, size: int = THUMB_SIZE) -> str:
-        """A result thumbnail: the item fit in `size`, over a white band that the caption label covers."""
+        """A result thumbnail: the item fit in a `size` square (its caption is drawn below it by the page)."""
         name = hashlib.blake2b(f"{gallery_key}\0{item_id}".encode(), digest_size=10).hexdigest()
-        out = self.root / str(size) / f"{name}.png"
+        out = self.root / f"{size}px" / f"{name}.png"
         if not self._present(out):
             image = gallery_image(index, item_id, size, supersample=2)  # 2x: enough at thumbnail size
-            canvas = Image.new("RGB", (size, size + size // 5), "white")
+            canvas = Image.new("RGB", (size, size), "white")
             canvas.paste(image, ((size - image.width) // 2, (size - image.height) // 2))
             _write_png(canvas, out, compress_level=1)  # written once, read locally: speed over size
         return str(out)
