@@ -14,6 +14,9 @@ shows them, so that captions and references match.
     python bench/demo_latency.py --n 40                       # offline world, method phi
     python bench/demo_latency.py --method oti --n 10 --steps 150
     python bench/demo_latency.py -- --gallery my_index        # any app.py flags after --
+
+What a visitor sees (click or keystroke to results painted in chromium) and two checkouts or two
+runtime settings compared request by request: bench/visitor_latency.py.
 """
 
 from __future__ import annotations
