@@ -66,14 +66,19 @@ def test_run_all_runs_each_bench_in_a_fresh_process(tmp_path, monkeypatch):
 #: every script of bench/ (a file that runs as `python bench/NAME.py`; the others are its helpers)
 BENCHES = sorted(p.name for p in (REPO / "bench").glob("*.py") if 'if __name__ == "__main__":' in p.read_text())
 IN_RUN_ALL = {module.split(".")[1] + ".py" for module, _ in run_all.BENCHES.values()}
+#: benches whose --quick run is a test of their own (bench/visitor_latency.py drives chromium)
+OWN_QUICK_TEST = {"visitor_latency.py": "tests/test_demo_latency_bench.py"}
 #: the benches that start the demo server; run_all.py runs every other one
-SERVER_BENCHES = [b for b in BENCHES if b not in IN_RUN_ALL | {"run_all.py"}]
+SERVER_BENCHES = [b for b in BENCHES if b not in IN_RUN_ALL | set(OWN_QUICK_TEST) | {"run_all.py"}]
 
 
 def test_every_bench_script_runs_in_ci():
-    """Each script of bench/ is run by run_all.py or by `test_bench_runs_quick` below."""
+    """Each script of bench/ is run by run_all.py, by `test_bench_runs_quick` below, or by its own
+    quick test."""
     assert IN_RUN_ALL <= set(BENCHES)
     assert {"demo_latency.py", "inspector_latency.py"} <= set(SERVER_BENCHES)
+    for script, test in OWN_QUICK_TEST.items():
+        assert script in BENCHES and '"--quick"' in (REPO / test).read_text()
 
 
 def run_quick(script: str, argv: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
