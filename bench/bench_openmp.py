@@ -17,7 +17,18 @@ import sys
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import REPO, Row, check_load, finish, interleaved, log, median, ratio, row
+from bench.common import (
+    REPO,
+    Row,
+    check_load,
+    finish,
+    interleaved,
+    log,
+    median,
+    parse_args,
+    ratio,
+    row,
+)
 
 POLICIES = {"default": None, "PASSIVE": "PASSIVE"}
 
@@ -59,7 +70,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--rounds", type=int, default=3, help="child processes per policy, alternating")
     p.add_argument("--calls", type=int, default=15, help="timed calls of each pass per child")
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, quick={"rounds": 1, "calls": 2})
     if args.child:
         print(json.dumps(child(args.child)))
         return []

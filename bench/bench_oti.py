@@ -6,8 +6,8 @@ step's GPT phrases, re-encode the real phrases without gradient and the "$" phra
 pseudo-tokens, again over the full context (GPT loss); loss = (L_content + 0.5 L_gpt) / 1.5; AdamW
 (lr 2e-2, wd 0.01) and an EMA of 0.99. Against it, interleaved in one process (each round: one
 SEARLE step, then a few steps of every other variant in turn; the ratio is the median over rounds of
-SEARLE's step / the variant's, with its spread): today's `isearle.oti` (truncated context, phrase
-targets encoded once per batch, template and phrase prompts in one fused pass), the new default
+SEARLE's step / the variant's, with its spread): `isearle.oti` without its prefix cache, the baseline (truncated context, phrase
+targets encoded once per batch, template and phrase prompts in one fused pass), the default
 (+ keys/values of the positions before "$" cached once per prefix, suffixes packed without padding)
 and that in bf16 autocast. `--all-variants` adds SEARLE + truncation and + cached targets. All draw
 the same prompts from the same seed and start from the same tokens, so the fp32 loss trajectories
@@ -37,6 +37,7 @@ from bench.common import (
     goal_row,
     log,
     median,
+    parse_args,
     ratio,
     ratio_text,
     row,
@@ -126,7 +127,7 @@ class Stepper:
 
 
 def bench_steps(model: str, batch: int, rounds: int, fast_per_round: int, full: bool = False) -> list[Row]:
-    """SEARLE's step against isearle.oti's (today's fused pass; prefix cache; + bf16), interleaved:
+    """SEARLE's step against isearle.oti's (fused pass without, then with the prefix cache; + bf16), interleaved:
     each round runs one SEARLE step, then `fast_per_round` steps of every other variant in turn."""
     import dataclasses
 
@@ -144,9 +145,9 @@ def bench_steps(model: str, batch: int, rounds: int, fast_per_round: int, full: 
     t = time.perf_counter()
     objective = OTIObjective(backbone, feats, tasks, config, random.Random(config.seed))
     setup = time.perf_counter() - t
-    # the same draws and phrase targets, computed the old way (no prefix cache) and in bf16
-    today, bf16 = copy.copy(objective), copy.copy(objective)
-    today.prefix_cache = None
+    # the same draws and phrase targets, computed without the prefix cache and in bf16
+    baseline, bf16 = copy.copy(objective), copy.copy(objective)
+    baseline.prefix_cache = None
     bf16.config = dataclasses.replace(config, precision="bf16")
     n_targets = 0 if objective.phrase_targets is None else objective.phrase_targets.shape[0]
     init = torch.randn(batch, backbone.token_width, generator=torch.Generator().manual_seed(0)) * config.init_std
@@ -155,9 +156,9 @@ def bench_steps(model: str, batch: int, rounds: int, fast_per_round: int, full: 
     if full:
         variants["+ truncated context"] = SearleStep(objective, truncate=True).loss
         variants["+ truncated, targets cached"] = SearleStep(objective, True, True).loss
-    variants["today: isearle.oti fused pass (truncated, targets cached)"] = today.loss
-    variants["new: + prefix cache, packed suffixes (fp32)"] = objective.loss
-    variants["new: + prefix cache, bf16 autocast"] = bf16.loss
+    variants["baseline: isearle.oti fused pass (truncated, targets cached)"] = baseline.loss
+    variants["default: + prefix cache, packed suffixes (fp32)"] = objective.loss
+    variants["option: + prefix cache, bf16 autocast"] = bf16.loss
     steppers = {name: Stepper(fn, init, config) for name, fn in variants.items()}
     names = list(steppers)
     log(f"bench b: {model} batch {batch}: {rounds} interleaved rounds")
@@ -180,8 +181,8 @@ def bench_steps(model: str, batch: int, rounds: int, fast_per_round: int, full: 
         losses, ref = steppers[name].losses, steppers[names[0]].losses
         k = min(len(losses), len(ref))
         diff = max(abs(a - b) for a, b in zip(losses[:k], ref[:k], strict=True))
-        rows.append(row("b OTI", case, f"{name}: speed-up vs SEARLE", r[0], "x", ">= 12x" if "new" in name else "",
-                        f"IQR {r[1]:.1f}-{r[2]:.1f} over {len(base)} rounds; loss max |diff| over {k} steps {diff:.1e}"))
+        rows.append(row("b OTI", case, f"{name}: speed-up vs SEARLE", r[0], "x", ">= 12x" if name.startswith(("default", "option")) else "",
+                        f"IQR {r[1]:.1f}-{r[2]:.1f} over {len(base)} rounds; largest loss difference over {k} steps {diff:.1e}"))
     fast = median(per_round[names[-2]])
     total_fast = setup + 350 * fast
     searle_ms = median(base) * 1e3
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p.add_argument("--no-warm-start", action="store_true")
     p.add_argument("--phi", type=Path, default=os.environ.get("ISEARLE_BENCH_PHI"),
                    help="shapes phi for the warm start (default: assets/models/isearle-shapes-phi.safetensors)")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, quick={"rounds": 1, "fast_steps": 1, "batches": [8], "no_warm_start": True})
     setup_threads()
     check_load("bench b: ")
     rows = []

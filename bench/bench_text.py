@@ -15,7 +15,19 @@ import json
 
 if __package__ in (None, ""):
     import common  # noqa: F401  (puts the repo on sys.path when run as a script)
-from bench.common import REPO, Row, check_load, finish, interleaved, median, ratio, row, setup_threads, timeit
+from bench.common import (
+    REPO,
+    Row,
+    check_load,
+    finish,
+    interleaved,
+    median,
+    parse_args,
+    ratio,
+    row,
+    setup_threads,
+    timeit,
+)
 
 FALLBACK_CAPTIONS = [
     "is blue instead", "has two dogs on a beach", "make the cross orange",
@@ -35,7 +47,7 @@ def demo_captions(limit: int = 8) -> list[str]:
 
 
 def bench_model(name: str, repeat: int) -> list[Row]:
-    """Full 77-token context, truncated fp32 (today) and truncated with the bf16 weights copy (new),
+    """Full 77-token context, truncated fp32 (the baseline) and truncated with the bf16 weights copy,
     timed interleaved on every demo prompt."""
     import torch
 
@@ -72,8 +84,8 @@ def bench_model(name: str, repeat: int) -> list[Row]:
     r_trunc, r_bf16 = ratio(times["full"], times["fp32"]), ratio(times["fp32"], times["bf16"])
     return [
         row("a text", case, "full 77-token context, fp32", full, "ms"),
-        row("a text", case, "truncated context, fp32 (today)", trunc, "ms"),
-        row("a text", case, "truncated, bf16 weights (new)", bf16, "ms", "", f"min cosine to fp32 {cos:.5f}"),
+        row("a text", case, "truncated context, fp32 (baseline)", trunc, "ms"),
+        row("a text", case, "truncated, bf16 weights", bf16, "ms", "", f"min cosine to fp32 {cos:.5f}"),
         row("a text", case, "speed-up of truncation (fp32)", r_trunc[0], "x", "",
             f"IQR {r_trunc[1]:.2f}-{r_trunc[2]:.2f}; max rel. feature diff {diff:.1e}"),
         row("a text", case, "speed-up of bf16 (truncated)", r_bf16[0], "x", "", f"IQR {r_bf16[1]:.2f}-{r_bf16[2]:.2f}"),
@@ -109,7 +121,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=["ViT-B-32", "ViT-L-14"])
     p.add_argument("--repeat", type=int, default=3, help="timed calls per prompt and mode")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv, quick={"repeat": 2, "models": ["ViT-B-32"]})
     setup_threads()
     rows: list[Row] = []
     for name in args.models:

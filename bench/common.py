@@ -1,8 +1,8 @@
 """Shared helpers of the benchmarks: thread set-up, interleaved timing, result rows and tables.
 
 Every benchmark returns rows {"bench", "case", "metric", "value", "unit", "goal", "note"} measured
-in the same run, plus "goal rows" (`goal_row`): the issue's table, one line per case with today's
-path, the new path, their interleaved ratio and the goal. `finish` prints both; `run_all.py` runs
+in the same run, plus "goal rows" (`goal_row`): the goal table, one line per case with the
+baseline, the faster path, their interleaved ratio and the goal. `finish` prints both; `run_all.py` runs
 each benchmark in its own process and collects the rows into one table.
 """
 
@@ -97,10 +97,10 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def goal_row(case: str, today: str, new: str, goal: str, verdict: str, note: str = "") -> Row:
-    """One line of the issue's table: the case, today's path and the new one measured in the same
+def goal_row(case: str, baseline: str, faster: str, goal: str, verdict: str, note: str = "") -> Row:
+    """One line of the goal table: the case, the baseline and the faster path measured in the same
     process (interleaved), the goal and whether it is met."""
-    return {"bench": "goal", "case": case, "today": today, "new": new, "goal": goal, "verdict": verdict,
+    return {"bench": "goal", "case": case, "baseline": baseline, "faster": faster, "goal": goal, "verdict": verdict,
             "note": note, "load": load_line()}
 
 
@@ -109,12 +109,12 @@ def ratio_text(r: tuple[float, float, float]) -> str:
 
 
 def goal_table(rows: list[Row]) -> str:
-    """The issue's table (Markdown) from the goal rows among `rows`."""
-    lines = ["| case | today's path | new path | goal | verdict | load (1/5/15 min) |", "|---|---|---|---|---|---|"]
+    """The goal table (Markdown) from the goal rows among `rows`."""
+    lines = ["| case | baseline | faster path | goal | verdict | load (1/5/15 min) |", "|---|---|---|---|---|---|"]
     for r in rows:
         if r.get("bench") == "goal":
             note = f" ({r['note']})" if r.get("note") else ""
-            lines.append(f"| {r['case']} | {r['today']} | {r['new']} | {r['goal']} | {r['verdict']}{note} | {r['load']} |")
+            lines.append(f"| {r['case']} | {r['baseline']} | {r['faster']} | {r['goal']} | {r['verdict']}{note} | {r['load']} |")
     return "\n".join(lines)
 
 
@@ -201,3 +201,15 @@ def machine() -> str:
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(parser: Any, argv: list[str] | None, quick: dict[str, Any]) -> Any:
+    """`parser.parse_args(argv)` with a `--quick` flag: `quick` replaces the defaults (tiny sizes that
+    check the bench runs end to end, in seconds; its numbers are not results); flags given win."""
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: checks that the bench runs; the numbers are not results")
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args

@@ -40,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=150, help="OTI steps of the watched run")
     p.add_argument("--every", type=int, default=10, help="an update every N steps")
     p.add_argument("--out", type=Path, default=None, help="also write the numbers as JSON here")
+    p.add_argument("--quick", action="store_true", help="one reference, 30 steps: checks the bench runs; not results")
     args = p.parse_args(argv)
+    if args.quick:  # the tiny sizes replace the defaults; flags given win
+        p.set_defaults(n=1, steps=30, every=10)
+        args = p.parse_args(argv)
     assert len(CAPTION_10.split()) == 10
 
     from gradio_client import Client, handle_file

@@ -1,13 +1,14 @@
-"""Run every benchmark (a-f), each in a fresh Python process, and print the issue's table and all rows.
+"""Run every benchmark (a-f, h), each in a fresh Python process, and print the goal table and all rows.
 
-    python bench/run_all.py [--quick] [--only a b ...] [--markdown results.md] [--precision auto]
+    python bench/run_all.py [--quick] [--only a b ...] [--markdown docs/performance-results.md]
 
 Each benchmark runs as its own script (`python bench/bench_text.py ...`) in a new process, exactly
 as when run alone: nothing one leaves behind (torch/OpenMP thread pools and their settings, a Ray
 runtime, memory, warmed caches) can slow the next. The children write their rows to a JSON file
 (ISEARLE_BENCH_ROWS); bench c reuses bench d's 100k gallery through a shared folder on disk
 (ISEARLE_BENCH_CACHE). Results are measured, never stored: the tables printed are this run's,
-headed by the machine, its CPU's bf16/AMX flags and the load before, between and after benches.
+headed by the command, the date, the machine, its CPU's bf16/AMX flags and the load before, between
+and after benches. The exit status is 1 when a bench failed (its error is a row of the table).
 """
 
 from __future__ import annotations
@@ -33,14 +34,7 @@ BENCHES = {
     "c": ("bench.bench_query", "composed query latency, 100k gallery"),
     "e": ("bench.bench_index", "gallery indexing throughput"),
     "f": ("bench.bench_openmp", "OpenMP wait policy: default vs PASSIVE, child processes alternating"),
-}
-QUICK = {
-    "a": ["--repeat", "2", "--models", "ViT-B-32"],
-    "b": ["--rounds", "1", "--fast-steps", "1", "--batches", "8", "--no-warm-start"],
-    "d": ["--sizes", "20000", "--queries", "10"],
-    "c": ["--warm", "6", "--cold", "3", "--gallery", "20000"],
-    "e": ["--images", "16"],
-    "f": ["--rounds", "1", "--calls", "2"],
+    "h": ("bench.precision_table", "ShapesCIR accuracy of bf16 queries against fp32"),
 }
 
 
@@ -70,34 +64,39 @@ def main(argv: list[str] | None = None, benches: dict[str, tuple[str, str]] | No
     p.add_argument("--markdown", type=Path, help="also write the tables (and the machine line) to this file")
     args = p.parse_args(argv)
     start = time.perf_counter()
+    started = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     before = machine()
     rows: list[Row] = []
-    timings, loads = [], []
+    timings, loads, failed = [], [], []
     with tempfile.TemporaryDirectory(prefix="isearle-bench-cache-") as cache:
         for key, (module, title) in benches.items():
             if args.only and key not in args.only:
                 continue
             loads.append(f"{key}: {check_load(f'== {key}. {title}; ')}")
-            bench_argv = list(QUICK.get(key, [])) if args.quick else []
+            bench_argv = ["--quick"] if args.quick else []
             t = time.perf_counter()
             got, rc, tail = run_bench(module, bench_argv, {CACHE_ENV: cache})
             rows += got
             if rc != 0:  # one failing bench must not hide the others' results
                 log(f"bench {key} exited with {rc}")
+                failed.append(key)
                 rows.append(row(f"{key} error", title, f"exit code {rc}", tail.replace("|", "/")[-160:]))
             timings.append(f"{key} {time.perf_counter() - t:.0f} s")
     total = time.perf_counter() - start
     after = "{:.1f}/{:.1f}/{:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-    header = [f"Machine: {before}", f"Load (1/5/15 min) at the start of each bench: {'; '.join(loads)}; "
-              f"after the run: {after}",
+    command = " ".join(["python bench/run_all.py", *(argv if argv is not None else sys.argv[1:])])
+    header = [f"<!-- written by `{command}`: regenerate it, do not edit it -->", "",
+              f"Command: `{command}`  ", f"Date: {started}-{time.strftime('%H:%M', time.gmtime())} UTC  ",
+              f"Machine: {before}  ", f"Load (1/5/15 min) at the start of each bench: {'; '.join(loads)}; "
+              f"after the run: {after}  ",
               f"Total {total:.0f} s ({', '.join(timings)}), each bench in its own process"
               f"{' [--quick: a smoke test, not results]' if args.quick else ''}"]
-    text = ("\n".join(header) + "\n\n### The issue's table\n\n" + goal_table(rows) + "\n\n### All rows\n\n"
+    text = ("\n".join(header) + "\n\n### Goals\n\n" + goal_table(rows) + "\n\n### All rows\n\n"
             + table([r for r in rows if r.get("bench") != "goal"]))
     print("\n" + text, flush=True)
     if args.markdown:
         args.markdown.write_text(text + "\n")
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

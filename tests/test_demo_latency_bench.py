@@ -66,12 +66,12 @@ def test_goals_judge_the_candidate_and_show_the_baseline():
                 browser_phone_panel=[350, 380], browser_typed_results=[90, 130])
     rows = {r["case"]: r for r in visitor_latency.goals("offline", [base, cand])}
     phone = rows["offline: 12 MP upload / 640x480 upload, click -> results + panel"]
-    assert "1.96x" in phone.values() and phone["new"] == "1.18x" and phone["verdict"] == "met"  # baseline, candidate
+    assert "1.96x" in phone.values() and phone["faster"] == "1.18x" and phone["verdict"] == "met"  # baseline, candidate
     panel = rows["offline: search + panel / search alone, 640x480 upload (browser)"]
-    assert panel["new"] == "1.22x" and panel["verdict"] == "met"
+    assert panel["faster"] == "1.22x" and panel["verdict"] == "met"
     assert rows["offline: 640x480 upload: click -> results + panel painted"]["verdict"] == "met"
     typed = rows["offline: cached reference + new caption: keystroke -> results painted"]
-    assert typed["new"] == "110 ms" and typed["verdict"] == "not met here"  # median of 90 and 130
+    assert typed["faster"] == "110 ms" and typed["verdict"] == "not met here"  # median of 90 and 130
     vit = {r["case"] for r in visitor_latency.goals("vitb32", [base, cand])}
     assert "vitb32: 640x480 upload: click -> results + panel painted" not in vit  # an offline-world goal
 
