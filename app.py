@@ -6,8 +6,9 @@ for the settings (flags or ISEARLE_* environment variables) and for deploying it
 """
 
 # OpenMP keeps its default wait policy (threads spin briefly between parallel regions, then sleep):
-# on an idle 2-core machine it made the ViT-B/32 text pass 1.5x faster than OMP_WAIT_POLICY=PASSIVE
-# (README: Threads). On a machine shared with other busy work, set OMP_WAIT_POLICY=PASSIVE.
+# on idle cores each small parallel region starts faster than under OMP_WAIT_POLICY=PASSIVE
+# (bench/bench_openmp.py measures it; docs/performance.md, Threads). On a machine shared with other
+# busy work, set OMP_WAIT_POLICY=PASSIVE.
 
 try:  # Hugging Face ZeroGPU: `spaces` must be imported before torch
     import spaces

@@ -269,7 +269,7 @@ def _resolve_pretrained(name: str, pretrained: str | None) -> str | None:
 
 
 def _hub_reachable(timeout: float = 1.5) -> bool:
-    """A one-connection probe, so that a machine without network fails in seconds, not ~47 s."""
+    """A one-connection probe, so that a machine without network fails in seconds, not after the hub client's long timeout."""
     import socket
 
     try:

@@ -78,7 +78,7 @@ def prepare_caption(backbone: Backbone, caption: str | None, template: str = DEF
 
 
 def _encode(backbone: Backbone, text: str) -> tuple[int, ...]:
-    """Token ids of one word, remembered per tokenizer (a tokenizer call costs ~1 ms; captions repeat words)."""
+    """Token ids of one word, remembered per tokenizer (captions repeat words; a tokenizer call is not free)."""
     return _encode_word(backbone.tokenizer, text) if hasattr(backbone.tokenizer, "encode") else \
         tuple(backbone.tokenize([text])[0].tolist())
 

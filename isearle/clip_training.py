@@ -74,11 +74,11 @@ class TrainConfig:
     export: str = str(EXPORT_PATH)
     #: Caption forms (full, partial, clause, edit); edit captions teach "a photo of X that {edit}".
     caption_weights: tuple[float, float, float, float] = (0.25, 0.1, 0.25, 0.4)
-    #: `isearle.precision.COMPUTE_PRECISIONS`: "bf16": autocast of the forward pass (1.3x faster on
+    #: `isearle.precision.COMPUTE_PRECISIONS`: "bf16": autocast of the forward pass (faster on
     #: AVX512-BF16 CPUs); "fp32": none; "fp16": fp16 autocast + GradScaler (on CPU where torch supports it).
     precision: str = "bf16"
     #: Share of captions whose subject is one composite word "$" fed as the mean of its words'
-    #: embeddings, so that one token can stand for a scene (README: the offline world; 0: off).
+    #: embeddings, so that one token can stand for a scene (docs/offline-world.md; 0: off).
     composite: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 

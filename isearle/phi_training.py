@@ -7,7 +7,7 @@ Loss = lambda_distil * L_distil + lambda_gpt * L_gpt + lambda_reg * L_reg, where
   same phrase with "$");
 - L_reg (iSEARLE; form OPEN in the paper): keeps predicted tokens where real token embeddings
   live. Form "norm": (||p|| / m - 1)^2 with m the mean norm of the vocabulary's embeddings;
-  form "knn": 1 - mean cosine to the k nearest real token embeddings. Default "norm" (README).
+  form "knn": 1 - mean cosine to the k nearest real token embeddings. Default "norm" (docs/method.md).
 Batches (iSEARLE): with `hard_negatives`, images are grouped by k-means on their CLIP features, so
 a batch holds visually similar images whose OTI tokens are the hard negatives of L_distil.
 As in SEARLE (src/train_phi.py) the last partial batch is dropped; each image's GPT phrase is drawn

@@ -28,8 +28,7 @@ from isearle.timing import median_ms
 log = logging.getLogger(__name__)
 
 #: Seconds between timed calls, as between a served app's requests (spinning worker threads of one
-#: side after its call would otherwise slow the other's: measured 18.9 -> 38.8 ms for PyTorch right
-#: after ONNX Runtime).
+#: side after its call would otherwise slow the other's, e.g. PyTorch right after ONNX Runtime).
 PAUSE = 0.05
 
 

@@ -3,8 +3,8 @@
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before anything imports huggingface_hub: never touch the network
-# before torch loads OpenMP: idle threads sleep instead of spinning (as app.py and the CLI do); spinning
-# made OTI steps 15x slower on this busy 2-core machine (0.13 s -> 2.0 s for 12 tiny steps)
+# before torch loads OpenMP: idle threads sleep instead of spinning; with several test processes on
+# a few cores, spinning threads of one steal the cores of another
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # `--precision auto` (the app's default) is a timing measurement: two processes (the app under test
 # and an engine built in the test) may choose differently and rank near-ties differently. Tests run

@@ -55,7 +55,7 @@ def contract_layers() -> list[str]:
 def test_every_module_sits_in_a_layer():
     listed = set(contract_layers())
     modules = {f"isearle.{m.name}" for m in pkgutil.iter_modules(isearle.__path__)}
-    assert modules - listed == set(), "add new modules to a layer of .importlinter (README: Architecture)"
+    assert modules - listed == set(), "add new modules to a layer of .importlinter (docs/architecture.md)"
 
 
 @pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter is not installed")

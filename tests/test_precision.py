@@ -85,7 +85,7 @@ def test_retriever_auto_falls_back_to_fp32_when_the_bf16_model_disagrees(tiny, m
 
 def test_auto_chooses_per_tower(tiny, monkeypatch):
     """bf16 is kept for the text pass where it agrees and dropped for the image tower where it does
-    not (measured on one CPU here: bf16 text 1.25x faster, bf16 images 0.8x): each tower is measured
+    not (as on a CPU where bf16 helps the text pass and slows the image tower): each tower is measured
     on its own, and uploads are encoded by the image tower's choice."""
     from isearle.index import GalleryIndex
     from isearle.retrieval import Retriever
@@ -123,7 +123,7 @@ def test_auto_chooses_per_tower(tiny, monkeypatch):
 
 
 def test_a_warm_query_hashes_its_reference_once(tiny, monkeypatch):
-    """The content hash of a 640x480 reference costs ~1.3 ms: a query computes it once, not per step."""
+    """A query computes the reference's content hash once, not per step (hashing a photo is not free)."""
     from PIL import Image
 
     from isearle import retrieval

@@ -1,6 +1,6 @@
 """The offline world end to end: on the first 160 ShapesCIR test queries, with the committed tiny CLIP and phi,
 OTI and phi each beat every baseline (image only, text only, image+text) on R@1 and mAP@10, as
-SEARLE does on CIRR, CIRCO and FashionIQ (README settings: OTI 350 steps, gamma 0.1, norm cap 2, the shapes
+SEARLE does on CIRR, CIRCO and FashionIQ (docs/offline-world.md settings: OTI 350 steps, gamma 0.1, norm cap 2, the shapes
 world's templates: the OTI settings recorded by the committed phi).
 Measured on this slice (R@1 / mAP@10): image 5.62 / 15.76, text 0.0 / 0.43, image+text 36.25 / 46.88,
 phi 48.12 / 57.38, OTI 51.25 / 57.73; 160 queries rather than 100 keep the leads over image+text

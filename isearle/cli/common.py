@@ -52,7 +52,7 @@ def add_preset_argument(p: argparse.ArgumentParser) -> None:
     from isearle.presets import DEFAULT_PRESET, PRESETS
 
     p.add_argument("--preset", choices=list(PRESETS), default=DEFAULT_PRESET,
-                   help="recipe: searle (the authors' code) or isearle (README: faithfulness); options given override it")
+                   help="recipe: searle (the authors' code) or isearle (docs/faithfulness.md); options given override it")
 
 
 def add_oti_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:

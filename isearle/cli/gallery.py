@@ -49,7 +49,7 @@ def add_index_arguments(p: argparse.ArgumentParser) -> None:
 
     add_compute_precision_argument(p, default="fp32", help="encoding: " + COMPUTE_PRECISION_HELP.replace(
         "default: fp16 on CUDA, fp32 on CPU", "default fp32; bf16 keeps bf16 weights, faster on CPUs with "
-        "AVX512-BF16/AMX, ShapesCIR phi R@1 -0.6 point"))
+        "AVX512-BF16/AMX, its ShapesCIR accuracy: bench/precision_table.py"))
     add_decode_argument(p, default="robust")
     p.add_argument("--ray", action="store_true", help="embed on Ray Data (local Ray unless --ray-address)")
     p.add_argument("--ray-address", default=None, help="Ray cluster address (e.g. ray://head:10001 or auto)")

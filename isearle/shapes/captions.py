@@ -45,7 +45,7 @@ MOVE_PHRASES = {
 }
 PREFIXES = ("a photo of ", "a photo of ", "an image of ", "a picture of ", "", "", "a rendering of ")
 #: OTI content templates recorded by the shipped shapes phi (`OTIConfig.templates`): photo-like
-#: prompts close to the grammar's prefixes, measured against SEARLE's 24 on ShapesCIR val (README).
+#: prompts close to the grammar's prefixes, measured against SEARLE's 24 on ShapesCIR val (docs/offline-world.md).
 OTI_TEMPLATES: tuple[str, ...] = (
     "a photo of $", "a picture of $", "an image of $", "a photo of a $", "a picture of a $",
     "an image of a $", "a photo of the $", "a picture of the $", "an image of the $",
@@ -387,7 +387,7 @@ def composite_caption(spec: SceneSpec, rng: random.Random) -> tuple[str, str]:
 
     The caption is "a photo of $" ($: this scene) or "a photo of $ that {edit}" ($: another scene).
     The trainer gives "$" to the text tower as one input vector, so that one token can stand for a
-    whole scene, as "zebra" stands for a striped horse in real CLIP's vocabulary (README: the offline world).
+    whole scene, as "zebra" stands for a striped horse in real CLIP's vocabulary (docs/offline-world.md).
     """
     if rng.random() < 0.5:
         return "a photo of $", describe(spec, rng)
