@@ -206,27 +206,23 @@ def one_round(r: int, order: list[int], sides: list[Side], pages: list, clients:
         if timed:
             side.record(key, value)
 
-    for i in order:  # 640x480: upload, click
-        preview = pages[i].upload(small_b.path, small_b.caption)
-        got = pages[i].click_search()
-        keep(sides[i], "browser small results", got["results"])
-        keep(sides[i], "browser small panel", got["panel"])
-        keep(sides[i], "handler small", got["handler"])
-        keep(sides[i], "text small", got["text"])
-        keep(sides[i], "upload preview small", preview)
+    def upload_and_click(name: str, bundle) -> None:
+        for i in order:
+            preview = pages[i].upload(bundle.path, bundle.caption)
+            got = pages[i].click_search()
+            for part in ("results", "panel"):
+                keep(sides[i], f"browser {name} {part}", got[part])
+            keep(sides[i], f"handler {name}", got["handler"])
+            keep(sides[i], f"text {name}", got["text"])
+            keep(sides[i], f"upload preview {name}", preview)
+
+    upload_and_click("small", small_b)  # 640x480: upload, click
     for i in order:  # the same reference, a new caption typed
         got = pages[i].type_caption(small_b.typed)
         keep(sides[i], "browser typed results", got["results"])
         keep(sides[i], "handler typed", got["handler"])
         keep(sides[i], "text typed", got["text"])
-    for i in order:  # 12 MP: upload, click
-        preview = pages[i].upload(phone_b.path, phone_b.caption)
-        got = pages[i].click_search()
-        keep(sides[i], "browser phone results", got["results"])
-        keep(sides[i], "browser phone panel", got["panel"])
-        keep(sides[i], "handler phone", got["handler"])
-        keep(sides[i], "text phone", got["text"])
-        keep(sides[i], "upload preview phone", preview)
+    upload_and_click("phone", phone_b)  # 12 MP: upload, click
     for i in order:
         got = clients[i].search(small_c.path, small_c.caption)
         keep(sides[i], "client small results", got["results"])

@@ -253,13 +253,18 @@ def test_oti_step_equals_searles(tiny, our_bank):
 PHI_CONCEPTS = [["dog", "cat"], ["car", "ball", "dog"], ["ball"], ["cat", "car"], ["dog", "ball"], ["cat"]]
 
 
-def test_phi_step_equals_searles(tiny, our_bank):
+def _phi_inputs(tiny):
+    """Image features, OTI targets, a seeded phi and its copy for SEARLE's reference step."""
     gen = torch.Generator().manual_seed(3)
     feats = torch.randn(6, tiny.embed_dim, generator=gen)
     oti_tokens = torch.randn(6, tiny.token_width, generator=gen)
     torch.manual_seed(0)
     phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).train()
-    ref_phi = copy.deepcopy(phi)
+    return feats, oti_tokens, phi, copy.deepcopy(phi)
+
+
+def test_phi_step_equals_searles(tiny, our_bank):
+    feats, oti_tokens, phi, ref_phi = _phi_inputs(tiny)
     cfg = PRESETS["searle"].phi_config()
     sampler = PhraseSampler(PHI_CONCEPTS, our_bank, cfg.top_k_concepts, cfg.concept_match)
     ours_rand, ref_rand = random.Random(5), random.Random(5)
@@ -363,12 +368,7 @@ def test_phi_step_in_fp16_autocast_follows_searles(tiny, our_bank):
 
     if not fp16_autocast_supported("cpu"):
         pytest.skip("this torch has no CPU fp16 autocast")
-    gen = torch.Generator().manual_seed(3)
-    feats = torch.randn(6, tiny.embed_dim, generator=gen)
-    oti_tokens = torch.randn(6, tiny.token_width, generator=gen)
-    torch.manual_seed(0)
-    phi = Phi.for_backbone(tiny.embed_dim, tiny.token_width).train()
-    ref_phi = copy.deepcopy(phi)
+    feats, oti_tokens, phi, ref_phi = _phi_inputs(tiny)
     cfg = PRESETS["searle"].phi_config(precision="fp16")
     sampler = PhraseSampler(PHI_CONCEPTS, our_bank, cfg.top_k_concepts, cfg.concept_match)
     batch = [0, 1, 2, 3, 4, 5]
