@@ -152,9 +152,9 @@ class Backbone:
     @property
     def autocast(self) -> contextlib.AbstractContextManager:
         """The inference autocast of `precision`: none in fp32, fp16 / bf16 autocast otherwise."""
-        from isearle.precision import autocast
+        from isearle.precision import compute_autocast
 
-        return autocast(self.device, self.precision)
+        return compute_autocast(self.device, self.precision)
 
     def with_precision(self, precision: str) -> Backbone:
         """This backbone in `precision` ("fp32", "fp16" or "bf16"): a bf16 copy keeps its weights in bf16

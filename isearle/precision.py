@@ -59,12 +59,6 @@ def bf16_native(device: torch.device | str = "cpu") -> bool:
     return f["onednn_bf16"] and (f["avx512_bf16"] or f["amx_bf16"])
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """The autocast context of a precision: "bf16" -> bf16 autocast; "fp16" -> fp16 autocast (on CPU
-    where torch supports it, else none); "fp32" -> none (`compute_autocast`)."""
-    return compute_autocast(device, precision)
-
-
 @dataclass
 class PrecisionChoice:
     """What `choose` decided and the measurement behind it."""

@@ -91,11 +91,6 @@ class Session:
         return self.index is not None and self.index.info.get("benchmark") == BENCHMARK
 
     @property
-    def service(self) -> Session:
-        """The session itself (the name app.py reads `phi_name` through)."""
-        return self
-
-    @property
     def table(self) -> TokenTable:
         """Cosine to every row of the token-embedding table (built on first use)."""
         with self._lock:
