@@ -201,15 +201,15 @@ def _job(config: TrainConfig) -> dict[str, Any]:
 
 
 def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict[str, Any],
-                    config: TrainConfig) -> None:
-    """Model, optimizer and RNG states with the run's metadata: one verified file, written atomically."""
-    save_state(path, _job(config), int(meta["step"]), model, optimizer, extra=meta)
+                    config: TrainConfig, scaler: torch.amp.GradScaler | None = None) -> None:
+    """Model, optimizer, loss-scale and RNG states with the run's metadata: one verified file, written atomically."""
+    save_state(path, _job(config), int(meta["step"]), model, optimizer, extra=meta, scaler=scaler)
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: TrainConfig) -> dict[str, Any] | None:
-    """The metadata of a saved run, its states restored into `model` and `optimizer` (None: start over)."""
-    resumed = load_state(path, _job(config), model, optimizer)
+                    config: TrainConfig, scaler: torch.amp.GradScaler | None = None) -> dict[str, Any] | None:
+    """The metadata of a saved run, its states restored into `model`, `optimizer` and `scaler` (None: start over)."""
+    resumed = load_state(path, _job(config), model, optimizer, scaler=scaler)
     return None if resumed is None else resumed[1]
 
 
@@ -227,12 +227,12 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
     loss_fn = ClipLoss()
     text_backbone = backbone_from_model(model, config.model)  # the text path of the query (exact, shorter)
     meta: dict[str, Any] = {"step": 0, "minutes": 0.0, "history": [], "config": asdict(config)}
-    resumed = load_checkpoint(ckpt, model, optimizer, config) if config.resume else None
+    scaler = grad_scaler(next(model.parameters()).device, config.precision)
+    resumed = load_checkpoint(ckpt, model, optimizer, config, scaler) if config.resume else None
     if resumed is not None:
         meta = resumed
         log.info("resumed from %s at step %d (%.1f min)", ckpt, meta["step"], meta["minutes"])
     model.train()
-    scaler = grad_scaler(next(model.parameters()).device, config.precision)
     start_step, start_min, t0 = meta["step"], meta["minutes"], time.time()
     bar = tqdm(total=config.steps, initial=start_step, desc="train-clip", disable=not progress,
                mininterval=5, dynamic_ncols=False)
@@ -281,10 +281,10 @@ def train_clip(model: torch.nn.Module, dataset: Dataset, tokenizer, config: Trai
             meta["history"].append({"step": step, "eval": r})
             log.info("step %d: %s", step, r)
         if step % config.checkpoint_every == 0 or step >= config.steps:
-            save_checkpoint(ckpt, model, optimizer, meta, config)
+            save_checkpoint(ckpt, model, optimizer, meta, config, scaler)
     bar.close()
     meta["final_loss"] = smooth
-    save_checkpoint(ckpt, model, optimizer, meta, config)
+    save_checkpoint(ckpt, model, optimizer, meta, config, scaler)
     model.eval()
     return meta
 

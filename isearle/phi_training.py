@@ -256,7 +256,7 @@ def train_phi(
                "targets": tensors_digest({"t": targets}), "phi": tensors_digest(phi.state_dict()),
                "concepts": digest_rows(image_concepts),
                "phrases": digest_rows(sorted(phrase_bank.items())) if sampler is not None else None}
-        resumed = load_state(checkpoint, job, phi, optimizer, rng, nrng)
+        resumed = load_state(checkpoint, job, phi, optimizer, rng, nrng, scaler=scaler)
         if resumed is not None:
             start, history = resumed
     for epoch in tqdm(range(start + 1, config.epochs + 1), initial=start, total=config.epochs,
@@ -283,7 +283,7 @@ def train_phi(
         if records is not None:
             records.write(epoch, phi, history)
         if job is not None:
-            save_state(checkpoint, job, epoch, phi, optimizer, rng, nrng, history)
+            save_state(checkpoint, job, epoch, phi, optimizer, rng, nrng, history, scaler=scaler)
     return phi.eval(), history
 
 

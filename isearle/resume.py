@@ -2,9 +2,9 @@
 
 A training loop saves its state after each epoch (or every N steps) with `save_state`; a run
 killed at any moment (`kill -9`) and started again calls `load_state`, which puts the weights, the
-optimizer moments, torch's, Python's and numpy's generators back where they were, so the resumed
-run draws the same batches and dropout masks and ends bit for bit where an uninterrupted run ends
-(on CPU). The file belongs to one job (`job`: what the result depends on); another job's state,
+optimizer moments, the GradScaler's loss scale (fp16), torch's, Python's and numpy's generators
+back where they were, so the resumed run draws the same batches and dropout masks and ends bit for
+bit where an uninterrupted run ends (on CPU). The file belongs to one job (`job`: what the result depends on); another job's state,
 or a damaged file, is ignored with a log line and training starts over.
 """
 
@@ -45,7 +45,8 @@ def digest_rows(rows: Iterable[Any] | None) -> str | None:
 
 def save_state(path: str | Path, job: Mapping[str, Any], step: int, model: torch.nn.Module,
                optimizer: torch.optim.Optimizer, python_rng: random.Random | None = None,
-               numpy_rng: np.random.Generator | None = None, extra: Any = None) -> None:
+               numpy_rng: np.random.Generator | None = None, extra: Any = None,
+               scaler: torch.amp.GradScaler | None = None) -> None:
     """Write the state after `step` epochs/steps of `job`, atomically."""
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
@@ -62,13 +63,15 @@ def save_state(path: str | Path, job: Mapping[str, Any], step: int, model: torch
             tensors[f"rng.cuda.{i}"] = s
     meta = {"job": job_id(job), "step": step, "param_groups": opt["param_groups"], "scalars": scalars,
             "python": python_rng.getstate() if python_rng is not None else None,
-            "numpy": numpy_rng.bit_generator.state if numpy_rng is not None else None, "extra": extra}
+            "numpy": numpy_rng.bit_generator.state if numpy_rng is not None else None, "extra": extra,
+            "scaler": scaler.state_dict() if scaler is not None else {}}
     save_tensors(path, tensors, KIND, {"state": json.dumps(meta)})
 
 
 def load_state(path: str | Path, job: Mapping[str, Any], model: torch.nn.Module,
                optimizer: torch.optim.Optimizer, python_rng: random.Random | None = None,
-               numpy_rng: np.random.Generator | None = None) -> tuple[int, Any] | None:
+               numpy_rng: np.random.Generator | None = None,
+               scaler: torch.amp.GradScaler | None = None) -> tuple[int, Any] | None:
     """Restore a saved state of `job` into the given objects: (step, extra), or None to start over."""
     path = Path(path)
     if not path.exists():
@@ -100,5 +103,7 @@ def load_state(path: str | Path, job: Mapping[str, Any], model: torch.nn.Module,
         python_rng.setstate((version, tuple(internal), gauss))
     if numpy_rng is not None and state["numpy"] is not None:
         numpy_rng.bit_generator.state = state["numpy"]
+    if scaler is not None and scaler.is_enabled() and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     log.info("%s: resuming after %d", display(path), state["step"])
     return int(state["step"]), state["extra"]

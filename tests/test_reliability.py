@@ -409,9 +409,11 @@ def test_killed_train_phi_resumes_bit_for_bit(model_args, oti_run, tmp_path, see
     assert phi_settings(ref)["final_losses"]["gpt"] > 0 and not state.exists()
 
 
-def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, tmp_path, precision):
     """In process, killed (an exception) right after epoch k's state is saved: the resumed run's phi,
-    losses and RNG draws equal an uninterrupted run's, with the GPT loss on (Python's RNG)."""
+    losses and RNG draws equal an uninterrupted run's, with the GPT loss on (Python's RNG); under
+    fp16 its GradScaler also goes on from the saved loss scale."""
     import isearle.phi_training as PT
     from isearle.oti_runs import load_run
     from isearle.phrases import load_phrase_bank
@@ -419,14 +421,22 @@ def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, t
     out, phrases = oti_run
     _, feats, toks, concepts = load_run(out)
     bank = load_phrase_bank(phrases)
+    scalers: list[torch.amp.GradScaler] = []
+
+    def grad_scaler(device, prec):  # a scale that doubles every step, so a saved state is not a fresh one's
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=1.0, enabled=prec == "fp16", growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(PT, "grad_scaler", grad_scaler)
     torch.set_num_threads(2)  # two threads: a text batch's rows then depend on what shares the batch
-    cfg = PT.PhiTrainConfig(epochs=3, batch_size=16)
+    cfg = PT.PhiTrainConfig(epochs=3, batch_size=16, precision=precision)
     ref, ref_hist = PT.train_phi(tiny, feats, toks, cfg, concepts, bank, progress=False, checkpoint=tmp_path / "a")
+    ref_scaler = scalers[-1].state_dict()
     save = PT.save_state
 
     def killed_after(k):
-        def hook(path, job, step, *args):
-            save(path, job, step, *args)
+        def hook(path, job, step, *args, **kwargs):
+            save(path, job, step, *args, **kwargs)
             if step == k:
                 raise KeyboardInterrupt
 
@@ -436,10 +446,13 @@ def test_train_phi_resumed_after_any_epoch_matches(tiny, oti_run, monkeypatch, t
         monkeypatch.setattr(PT, "save_state", killed_after(k))
         with pytest.raises(KeyboardInterrupt):
             PT.train_phi(tiny, feats, toks, cfg, concepts, bank, progress=False, checkpoint=tmp_path / f"k{k}")
+        if precision == "fp16":  # the scale at the kill is not a fresh scaler's: only the checkpoint holds it
+            assert scalers[-1].get_scale() > 1.0
         monkeypatch.setattr(PT, "save_state", save)
         phi, hist = PT.train_phi(tiny, feats, toks, cfg, concepts, bank, progress=False, checkpoint=tmp_path / f"k{k}")
         assert hist == ref_hist and hist[-1]["gpt"] > 0
         assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), phi.state_dict().values(), strict=True))
+        assert scalers[-1].state_dict() == ref_scaler
 
 
 # ------------------------------------------------------------------------------ other artifact kinds
@@ -591,7 +604,10 @@ def test_damaged_feature_cache_shard_is_dropped_and_encoded_again(tmp_path, capl
     assert torch.equal(FeatureCache(tmp_path, "k", "ns").get(["a", "c"]), torch.tensor([[1.0] * 4, [2.0] * 4]))
 
 
-def test_clip_training_resumes_bit_for_bit(monkeypatch, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_clip_training_resumes_bit_for_bit(monkeypatch, tmp_path, precision):
+    """Killed after step 3 and resumed from weights unlike the seed's: the same model as an
+    uninterrupted run, and under fp16 the same GradScaler state (its loss scale and growth count)."""
     import open_clip
 
     import isearle.clip_training as CT
@@ -600,6 +616,13 @@ def test_clip_training_resumes_bit_for_bit(monkeypatch, tmp_path):
     register_model_configs()
     data = CT.ShapesCaptions(24, seed=1, size=32, context_length=77, progress=False, composite=0.3)
     tok = open_clip.get_tokenizer("isearle-tiny-test")
+    scalers: list[torch.amp.GradScaler] = []
+
+    def grad_scaler(device, prec):  # a scale that moves every step, so the state at step 3 is not a fresh one's
+        scalers.append(torch.amp.GradScaler("cpu", enabled=prec == "fp16", growth_interval=1))
+        return scalers[-1]
+
+    monkeypatch.setattr(CT, "grad_scaler", grad_scaler)
 
     def model():
         torch.manual_seed(0)
@@ -607,31 +630,36 @@ def test_clip_training_resumes_bit_for_bit(monkeypatch, tmp_path):
 
     def config(out):
         return CT.TrainConfig(model="isearle-tiny-test", steps=6, batch_size=8, warmup=2, out_dir=str(out),
-                              checkpoint_every=1, eval_every=0, log_every=1, resume=True)
+                              checkpoint_every=1, eval_every=0, log_every=1, resume=True, precision=precision)
 
     ref = model()
     CT.train_clip(ref, data, tok, config(tmp_path / "ref"), progress=False)
+    ref_scaler = scalers[-1].state_dict()
     save = CT.save_checkpoint
 
-    def killed(path, m, opt, meta, cfg):
-        save(path, m, opt, meta, cfg)
+    def killed(path, m, opt, meta, *rest):
+        save(path, m, opt, meta, *rest)
         if meta["step"] == 3:
             raise KeyboardInterrupt
 
     monkeypatch.setattr(CT, "save_checkpoint", killed)
     with pytest.raises(KeyboardInterrupt):
         CT.train_clip(model(), data, tok, config(tmp_path / "run"), progress=False)
+    killed_scaler = scalers[-1].state_dict()
     monkeypatch.setattr(CT, "save_checkpoint", save)
     resumed = model()
     with torch.no_grad():  # a start unlike the seed's: only the checkpoint's state can give the reference
         for p in resumed.parameters():
             p.add_(torch.randn_like(p) * 0.1)
     steps: list[int] = []
-    monkeypatch.setattr(CT, "save_checkpoint", lambda path, m, opt, meta, cfg: steps.append(meta["step"]) or save(
-        path, m, opt, meta, cfg))
+    monkeypatch.setattr(CT, "save_checkpoint", lambda path, m, opt, meta, *rest: steps.append(meta["step"]) or save(
+        path, m, opt, meta, *rest))
     meta = CT.train_clip(resumed, data, tok, config(tmp_path / "run"), progress=False)
     assert meta["step"] == 6 and steps[0] == 4  # it went on from step 3, not from 0
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True))
+    assert scalers[-1].state_dict() == ref_scaler
+    if precision == "fp16":  # the loss scale at the kill was not a fresh scaler's: only the checkpoint holds it
+        assert killed_scaler["scale"] != torch.amp.GradScaler("cpu").get_scale()
     truncate(tmp_path / "run" / "last.safetensors")  # a damaged state: a log line, training starts over
     assert CT.load_checkpoint(tmp_path / "run" / "last.safetensors", model(), torch.optim.AdamW(
         model().parameters()), config(tmp_path / "run")) is None
