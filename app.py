@@ -77,6 +77,16 @@ class LastErrors:
 ERRORS = LastErrors()
 
 
+def one_line_message(err: BaseException) -> str:
+    """What the visitor reads of a failure: an expected error's own line, else a generic one (logged)."""
+    if isinstance(err, gr.Error):
+        return str(err.message)
+    if isinstance(err, EXPECTED):
+        return str(err)
+    log.error("request failed", exc_info=err)
+    return f"internal error ({type(err).__name__}): please try again or use another input"
+
+
 @contextlib.contextmanager
 def one_line_errors(request: gr.Request | None = None):
     """Expected failures become one-line gr.Error messages; anything else a generic one (logged).
@@ -84,14 +94,10 @@ def one_line_errors(request: gr.Request | None = None):
     try:
         yield
     except gr.Error as err:
-        ERRORS.put(request, str(err.message))
+        ERRORS.put(request, one_line_message(err))
         raise
-    except EXPECTED as err:
-        ERRORS.put(request, str(err))
-        raise gr.Error(str(err), print_exception=False) from None
     except Exception as err:
-        log.exception("request failed")
-        message = f"internal error ({type(err).__name__}): please try again or use another input"
+        message = one_line_message(err)
         ERRORS.put(request, message)
         raise gr.Error(message, print_exception=False) from None
 
@@ -167,13 +173,32 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         except IsearleError:
             return skipped  # a half-typed caption: the Search button gives the message
 
-    @gpu(30)
-    @guarded
-    def explain(reference, caption, method, steps, backbone, trained_only, request: gr.Request = None):
+    def run_explain(reference, caption, method, steps, backbone, trained_only):
         ex = engine.explain(backbone, reference, caption, method, steps, k=6, trained_only=trained_only)
         return (gr.Image(ex.tokens_chart, visible=True), gr.Image(ex.concepts_chart, visible=ex.concepts_chart is not None),
                 gallery(ex.image_only), gallery(ex.text_only), ex.summary,
                 [it.id for it in ex.image_only], [it.id for it in ex.text_only])
+
+    @gpu(30)
+    @guarded
+    def explain(reference, caption, method, steps, backbone, trained_only, request: gr.Request = None):
+        return run_explain(reference, caption, method, steps, backbone, trained_only)
+
+    @gpu(90)
+    @guarded
+    def search_and_explain(reference, caption, k, method, steps, backbone, present, trained_only,
+                           request: gr.Request = None, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        """The page's Search: the results, then the panel, streamed on one request (a second request
+        would add a Gradio round trip before the panel paints). A failed panel leaves the results."""
+        out, notes = run_search(reference, caption, k, method, steps, backbone, present)
+        for note in notes:  # also in the status line, which stays
+            gr.Warning(note)
+        yield (*out, *[gr.skip()] * len(panel_outputs))
+        try:
+            panel = run_explain(reference, caption, method, steps, backbone, trained_only)
+        except Exception as err:
+            panel = panel_failed(one_line_message(err))
+        yield (*[gr.skip()] * len(out), *panel)
 
     def mark_stale(text):
         text = (text or "").split(STALE_PANEL)[-1].strip()
@@ -191,10 +216,12 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
                 gr.Gallery([], visible=False), "", None, "", [], None, {},
                 gr.Image(None, visible=False), gr.Image(None, visible=False), [], [], "", [], [])
 
-    def explain_failed(request: gr.Request):
-        message = ERRORS.pop(request)
+    def panel_failed(message):
         return (gr.Image(None, visible=False), gr.Image(None, visible=False), [], [],
                 f"**The explanation failed:** {message}", [], [])
+
+    def explain_failed(request: gr.Request):
+        return panel_failed(ERRORS.pop(request))
 
     @guarded
     def use_as_reference(backbone, ids, evt: gr.SelectData):
@@ -319,10 +346,13 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         panel_outputs = [tokens_chart, concepts_chart, image_only, text_only, panel, ids_image, ids_text]
         cleared = [status, results, raw, truth, truth_title, raw_truth, share, ids_results, searched, shared,
                    *panel_outputs]
-        query = gr.on([run.click, caption.submit], search, query_inputs, query_outputs, api_name="search")
-        query.success(explain, panel_inputs, panel_outputs, api_name="explain").failure(
-            explain_failed, None, panel_outputs, api_name=False)
+        query = gr.on([run.click, caption.submit], search_and_explain, [*query_inputs, trained_only],
+                      [*query_outputs, *panel_outputs], api_name=False)
         query.failure(search_failed, None, cleared, api_name=False)
+        scripts = gr.Button(visible=False)  # never shown: the page's Search as two endpoints for gradio_client
+        scripts.click(search, query_inputs, query_outputs, api_name="search").success(
+            explain, panel_inputs, panel_outputs, api_name="explain").failure(explain_failed, None, panel_outputs,
+                                                                              api_name=False)
         caption.input(live_search, [*query_inputs, searched, panel], [*query_outputs, panel], api_name=False,
                       show_progress="hidden", trigger_mode="always_last")
         trained_only.change(refresh_panel, panel_inputs, panel_outputs, api_name=False)

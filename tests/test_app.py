@@ -250,8 +250,10 @@ def test_the_cached_reference_is_warm_and_answers_as_an_uncached_call(app, clien
     _, status, hits, *_ = search(client, ref, "has a small circle", k=8, method=method)
     assert "(reference cached)" in status  # S* of this reference was reused
     parser = argparse.ArgumentParser()
-    D.add_arguments(parser, {})
-    engine = D.DemoEngine.start(parser.parse_args([*app.test_arguments, "--no-warmup"]), warm=False)
+    D.add_arguments(parser)  # the app's settings: its environment is this process's (ISEARLE_PRECISION too)
+    args = parser.parse_args([*app.test_arguments, "--no-warmup"])
+    assert args.precision == "fp32"  # `auto` may choose another engine than the app's fp32
+    engine = D.DemoEngine.start(args, warm=False)
     fresh = engine.search(None, ref, "has a small circle", k=8, method=method, steps=STEPS)
     assert fresh.cached == ""
     assert [h["id"] for h in hits] == [it.id for it in fresh.items]

@@ -65,6 +65,9 @@ def test_pick_example_type_caption_see_results_and_panel(app, tmp_path):
         assert text  # the example's caption came with it; type it again, as a user would
         caption.fill("")
         caption.press_sequentially(text)
+        joins: list[dict] = []  # the requests the page queues: the Search is one, its panel comes on it
+        page.on("request", lambda r: joins.append(r.post_data_json or {}) if r.method == "POST"
+                and "/queue/join" in r.url else None)
         page.locator("#search").click()
         results = page.locator("#results .thumbnail-item")
         results.nth(9).wait_for(timeout=60_000)
@@ -76,6 +79,11 @@ def test_pick_example_type_caption_see_results_and_panel(app, tmp_path):
         status = page.locator("#status").inner_text()
         assert "10 results" in status and text in status
         assert "S* reads as" in page.locator("#panel").inner_text()
+        config = page.evaluate("window.gradio_config")
+        button = next(c["id"] for c in config["components"] if c.get("props", {}).get("elem_id") == "search")
+        explain = next(d["id"] for d in config["dependencies"] if d.get("api_name") == "explain")
+        assert [j["trigger_id"] for j in joins].count(button) == 1  # one request brought results and panel
+        assert explain not in [j["fn_index"] for j in joins]
         page.wait_for_timeout(300)  # let images finish painting
         shot.parent.mkdir(parents=True, exist_ok=True)
         page.screenshot(path=str(shot), full_page=True)

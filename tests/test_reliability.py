@@ -740,3 +740,33 @@ def test_app_shows_a_damaged_gallery_in_one_line(offline_world, tmp_path):
         app.guarded(engine.load)(D.GalleryEntry(other).key)
     one_line(ValueError(e.value.message), "other/items.json is truncated (1 of", "rebuild it with `python -m isearle.demo")
     assert len(engine.search(D.GalleryEntry(offline_world).key, Image.new("RGB", (64, 64), "red"), "is blue", 3, "phi", 10).items) == 3
+
+
+def test_a_failed_panel_leaves_the_results_of_its_search(offline_world, monkeypatch):
+    """The page's Search streams the results, then the panel, on one request: when the panel fails
+    the results stay on screen and the panel says why in one line (the app keeps serving)."""
+    from isearle import demo as D
+    from isearle.errors import IsearleError
+
+    sys.path.insert(0, str(REPO))
+    import app
+
+    D.ensure_offline_gallery(offline_world, progress=False)
+    args = _app_args(offline_world)
+    engine = D.DemoEngine.start(args, warm=False)
+    blocks = app.build(engine, args)
+    stream = next(f.fn for f in blocks.fns.values() if f.name == "search_and_explain")
+    ref = Image.new("RGB", (64, 64), "red")
+    query = (ref, "is blue", 4, "phi", 10, engine.default_key, False, False)
+    results, panel = list(stream(*query))
+    assert len(results[0]) == 4 and all(isinstance(u, dict) and u.get("__type__") == "update" for u in results[10:])
+    assert "S* reads as" in panel[14] and all(u.get("__type__") == "update" for u in panel[:10])
+
+    def broken(*args, **kwargs):
+        raise IsearleError("the concept bank is unreadable: run `isearle concepts` again")
+
+    monkeypatch.setattr(engine, "explain", broken)
+    results, panel = list(stream(*query))
+    assert len(results[0]) == 4  # the results came first, and nothing later takes them back
+    assert all(u.get("__type__") == "update" and "value" not in u for u in panel[:10])
+    assert panel[14] == "**The explanation failed:** the concept bank is unreadable: run `isearle concepts` again"
