@@ -194,6 +194,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         for note in notes:  # also in the status line, which stays
             gr.Warning(note)
         yield (*out, *[gr.skip()] * len(panel_outputs))
+        time.sleep(max(0, args.panel_delay_ms) / 1000)  # the page fetches the thumbnails from this process
         try:
             panel = run_explain(reference, caption, method, steps, backbone, trained_only)
         except Exception as err:

@@ -52,6 +52,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--examples", "ISEARLE_EXAMPLES", str(EXAMPLES_PATH), "example references and captions (JSON)"),
     Setting("--max-file-size", "ISEARLE_MAX_FILE_SIZE", "25mb", "largest upload"),
     Setting("--no-warmup", "ISEARLE_NO_WARMUP", False, "skip the warm-up query at start-up", lambda v: v.lower() in ("1", "true", "yes")),
+    Setting("--panel-delay-ms", "ISEARLE_PANEL_DELAY_MS", 80, "pause between sending the results and explaining "
+            "them, so the page fetches the results' thumbnails before the panel's work takes the cores", int),
 )
 
 
