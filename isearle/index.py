@@ -12,12 +12,11 @@ large gallery opens in milliseconds and is shared between processes through the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -36,7 +35,7 @@ from isearle.artifacts import (
     write_group,
 )
 from isearle.backbone import Backbone, canonical_name
-from isearle.runtime import set_threads
+from isearle.runtime import faiss_threads
 
 log = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "hnsw", "ivfpq", "ivfsq")
@@ -116,20 +115,6 @@ def _as_matrix(x: np.ndarray | torch.Tensor, dim: int | None = None) -> np.ndarr
     # batch it comes in, and a gallery must not depend on how its adds were split.
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
-
-
-@contextlib.contextmanager
-def _faiss_threads(n_rows: int) -> Iterator[None]:
-    """One FAISS thread for a few queries (OpenMP start-up costs more than it saves), else torch's
-    thread count: batched searches, adds, training. torch may share FAISS's OpenMP runtime, whose
-    thread setting then also caps torch: torch's count is restored afterwards."""
-    torch_threads = torch.get_num_threads()
-    faiss.omp_set_num_threads(1 if n_rows < 16 else max(1, torch_threads))
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != torch_threads:
-            set_threads(torch_threads, faiss_threads=None)
 
 
 class GalleryIndex:
@@ -259,7 +244,7 @@ class GalleryIndex:
             if not ids:
                 return
             self._own()
-            with _faiss_threads(len(ids)):
+            with faiss_threads(len(ids)):
                 start, total = len(self.ids), len(self.ids) + len(ids)
                 if self.config.kind == "auto" and self.config.auto_kind(total) != self.kind:
                     self._convert(self.config.auto_kind(total), x)
@@ -294,7 +279,7 @@ class GalleryIndex:
             return [[] for _ in range(q.shape[0])]
         fetch = min(n, k + len(excluded))
         with self._lock:
-            with _faiss_threads(q.shape[0]):
+            with faiss_threads(q.shape[0]):
                 scores, labels = self._index.search(q, fetch)
         out = []
         for srow, lrow in zip(scores, labels, strict=True):

@@ -6,7 +6,9 @@ One place for thread set-up (torch's intra-op threads, FAISS's OpenMP threads) a
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -49,6 +51,22 @@ def set_threads(threads: int = 0, faiss_threads: int | None = 1) -> int:
         except ImportError:
             pass
     return n
+
+
+@contextlib.contextmanager
+def faiss_threads(n_rows: int) -> Iterator[None]:
+    """FAISS's threads for one call on `n_rows` rows: one for a few queries (OpenMP start-up costs
+    more than it saves), else torch's count (batched searches, adds, training). torch may share
+    FAISS's OpenMP runtime, whose setting then also caps torch: torch's count is restored after."""
+    import faiss
+
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(1 if n_rows < 16 else max(1, threads))
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            set_threads(threads, faiss_threads=None)
 
 
 def hub_offline() -> bool:

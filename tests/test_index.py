@@ -237,3 +237,21 @@ def test_draft_decoding_and_bf16_encoding_stay_close_to_the_plain_gallery(tiny, 
     fast = build_gallery_index(tiny.with_precision("bf16"), items, 4, progress=False, draft=True).vectors()
     cos = (plain * fast).sum(1)
     assert cos.min() > 0.99 and np.abs(plain - fast).max() > 1e-4, cos  # close, and not the same path
+
+
+def test_faiss_threads_follow_the_batch_and_leave_torch_alone():
+    """One FAISS thread for a few query rows, torch's count for a batch; torch's count is kept."""
+    import faiss
+
+    from isearle.runtime import faiss_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with faiss_threads(1):
+            assert faiss.omp_get_max_threads() == 1
+        with faiss_threads(64):
+            assert faiss.omp_get_max_threads() == 2
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
