@@ -165,7 +165,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
         """While typing: the results follow the caption when the reference (and its S*) is cached; the
         panel is marked as the last searched caption's only when the results did change (a skipped
         keystroke leaves the panel alone, so it cannot overwrite an explanation that is on its way)."""
-        skipped = [gr.skip()] * 11
+        skipped = [gr.skip()] * (len(query_outputs) + 1)  # + the panel
         if not reference or searched != [reference, method, int(steps), backbone] or not D.clean_caption(caption):
             return skipped
         try:
@@ -207,7 +207,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
 
     def refresh_panel(reference, caption, method, steps, backbone, trained_only):
         if not reference or not D.clean_caption(caption):
-            return [gr.skip()] * 7
+            return [gr.skip()] * len(panel_outputs)
         return explain(reference, caption, method, steps, backbone, trained_only)
 
     def search_failed(request: gr.Request):
@@ -262,7 +262,7 @@ def build(engine: D.DemoEngine, args: argparse.Namespace) -> gr.Blocks:
 
     def search_if_linked(linked, reference, caption, k, method, steps, backbone, present):
         if not linked:
-            return [gr.skip()] * 10
+            return [gr.skip()] * len(query_outputs)
         return search(reference, caption, k, method, steps, backbone, present)
 
     def reshare(shared, present):

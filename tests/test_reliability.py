@@ -752,7 +752,7 @@ def test_a_failed_panel_leaves_the_results_of_its_search(offline_world, monkeypa
     import app
 
     D.ensure_offline_gallery(offline_world, progress=False)
-    args = _app_args(offline_world)
+    args = _app_args(offline_world, "--precision", "fp32")  # no `auto` measurement at start-up
     engine = D.DemoEngine.start(args, warm=False)
     blocks = app.build(engine, args)
     stream = next(f.fn for f in blocks.fns.values() if f.name == "search_and_explain")
